@@ -1,0 +1,79 @@
+"""Identity-Preserving Cross-Attention (IPCA) in its zero-cost forms.
+
+Paper: One-Prompt-One-Story (ICLR 2025) §3.2 Eq. 4; official code: a separate identity-only pass whose SOT and
+identity-token keys/values are appended to the conditional branch's cross-attention (methods.md §2.5).
+
+Two facts make the identity pass unnecessary [derived, methods.md §2.5]:
+1. CLIP text encoders are causal, so the SOT and identity rows of the identity-only encoding equal those rows of
+   the consolidated encoding, and SVR never edits them: the stored keys duplicate keys the frame already has.
+2. Appending a duplicate key/value pair to a softmax equals adding ln 2 to that key's logit.
+
+Hence, for the conditional rows of every cross-attention (attn2) call:
+- ``append_identity_tokens``: append the SOT + identity rows of the frame's own conditioning to its context
+  (the host's kernel does the rest; only valid for calls or row groups holding cond rows alone);
+- ``identity_logit_bias``: or add +ln 2 to those logits; with IPCA dropout p, ln(1 + b) with
+  b ~ Bernoulli(1 - p) per (query, key), shared across heads, drawn from a seeded generator.
+Unconditional rows and self-attention are never touched.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def append_identity_tokens(context: torch.Tensor, identity_positions: Sequence[int]) -> torch.Tensor:
+    """Append the SOT + identity rows of each row's own context.
+
+    Args:
+        context: [R, T, D] conditional cross-attention contexts (cond rows only).
+        identity_positions: token positions {0} + span(identity) (``FramePlan.identity_positions``).
+    Returns:
+        [R, T + L, D] with L = len(identity_positions).
+    """
+    index = torch.as_tensor(list(identity_positions), dtype=torch.long, device=context.device)
+    return torch.cat([context, context.index_select(1, index)], dim=1)
+
+
+def identity_logit_bias(n_keys: int, identity_positions: Sequence[int], *, n_queries: int = 1,
+                        dropout: float = 0.0, generator: torch.Generator | None = None,
+                        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Additive pre-softmax bias equal to IPCA for one conditional row.
+
+    Args:
+        n_keys: context length T of the cross-attention.
+        identity_positions: key columns that get the bias (SOT + identity tokens).
+        n_queries: image tokens Q; only used when ``dropout > 0`` (the mask varies per query).
+        dropout: IPCA dropout p in [0, 1] (official code 0.0, paper 0.5).
+        generator: seeded CPU generator for the dropout draw (required when dropout > 0).
+    Returns:
+        [1, T] (no dropout) or [Q, T]: ln 2 at kept identity columns, 0 elsewhere; broadcast over heads.
+    """
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"IPCA dropout must be in [0, 1], got {dropout}")
+    columns = torch.as_tensor(list(identity_positions), dtype=torch.long)
+    rows = n_queries if dropout > 0 else 1
+    bias = torch.zeros(rows, n_keys, dtype=torch.float64)
+    if dropout > 0:
+        if generator is None:
+            raise ValueError("IPCA dropout needs a seeded generator for a reproducible generation")
+        keep = torch.rand(rows, len(columns), generator=generator, dtype=torch.float64) >= dropout
+        bias[:, columns] = torch.log1p(keep.to(torch.float64))
+    else:
+        bias[:, columns] = math.log(2.0)
+    return bias.to(dtype=dtype, device=device)
+
+
+def attention_with_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention with an optional additive logit bias.
+
+    Args:
+        q: [R, H, Q, d]; k, v: [R, H, T, d].
+        bias: broadcastable to [R, H, Q, T] (e.g. [R, 1, Q or 1, T] with zero rows for unconditional rows).
+    Returns:
+        [R, H, Q, d].
+    """
+    mask = None if bias is None else bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
