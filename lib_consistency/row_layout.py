@@ -1,0 +1,171 @@
+"""Row layout of one UNet call: which story frame and which CFG role every batch row holds.
+
+Neither host tells an attention layer what its batch rows are, and the two hosts order them differently
+(hosts.md §4, methods.md §9):
+
+- A1111 1.10 (`CFGDenoiser.forward`, hosts.md §4.1): ``x_in`` holds the cond rows image by image (image i
+  repeated ``repeats[i]`` times, one row per AND sub-prompt), then B uncond rows, then for an edit model with
+  image-CFG B image-uncond rows. The host issues these rows to the UNet *in that order*: in one call, in calls of
+  B rows, as cond chunks followed by one uncond call (different token lengths), or cond rows only (uncond skipped
+  after the ``on_cfg_denoiser`` callback). ``a1111_step_plan`` builds the per-step plan in that callback and an
+  ``A1111RowCursor`` hands each UNet call the next slice of it (hosts.md §4.3).
+- Forge (hosts.md §4.2, §6.2): ``extra_options['cond_or_uncond']`` gives one role per chunk of B rows
+  (B = ``len(extra_options['sigmas'])``), usually uncond first; ``forge_row_layout`` reads it.
+
+Anything that does not fit gives ``UNKNOWN_LAYOUT``; every attention hook then passes through unchanged.
+"""
+from __future__ import annotations
+
+import enum
+import functools
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+
+class Role(enum.Enum):
+    """CFG role of a row. ``OTHER`` (an edit model's image-uncond rows) never shares attention."""
+
+    COND = "cond"
+    UNCOND = "uncond"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Frame index and role of every row of one UNet call; ``known=False`` means "cannot tell"."""
+
+    frames: tuple[int, ...]
+    roles: tuple[Role, ...]
+    known: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.frames) != len(self.roles):
+            raise ValueError(f"RowLayout: {len(self.frames)} frames but {len(self.roles)} roles")
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.frames)
+
+    def matches(self, num_rows: int) -> bool:
+        """True when the layout is known and describes exactly ``num_rows`` rows."""
+        return self.known and len(self.frames) == num_rows
+
+    def rows(self, start: int, stop: int) -> RowLayout:
+        return RowLayout(self.frames[start:stop], self.roles[start:stop])
+
+
+UNKNOWN_LAYOUT = RowLayout((), (), known=False)
+
+
+# ---------------------------------------------------------------------------------------------- A1111 1.10
+
+
+def a1111_step_plan(repeats: Sequence[int], frame_offset: int, edit_model_uncond: bool = False) -> RowLayout:
+    """All rows ``CFGDenoiser.forward`` builds for one denoiser call, in host order (hosts.md §4.1).
+
+    ``repeats[i]``: number of AND sub-prompts of image i (B = len(repeats)); ``frame_offset``:
+    ``p.iteration * p.batch_size``; ``edit_model_uncond``: an InstructPix2Pix model with image-CFG adds B
+    image-uncond rows (role OTHER).
+    """
+    if any(n < 1 for n in repeats):
+        raise ValueError(f"a1111_step_plan: every image needs at least one cond row, got repeats={list(repeats)}")
+    images = [frame_offset + i for i in range(len(repeats))]
+    frames = [frame for frame, n in zip(images, repeats) for _ in range(n)]
+    roles = [Role.COND] * len(frames)
+    frames += images
+    roles += [Role.UNCOND] * len(images)
+    if edit_model_uncond:
+        frames += images
+        roles += [Role.OTHER] * len(images)
+    return RowLayout(tuple(frames), tuple(roles))
+
+
+class A1111RowCursor:
+    """Hands consecutive slices of the step plan to the UNet calls of one denoiser call (hosts.md §4.3).
+
+    Call ``start_step(plan)`` from ``on_cfg_denoiser`` and ``next_call(x.shape[0])`` from a forward pre-hook on
+    the UNet. A skipped uncond needs nothing (the cursor never reaches those rows); ``drop_uncond()`` makes it
+    explicit so that an extra call of another extension is not mistaken for the uncond rows. A call that runs
+    past the plan (PAG/SAG extra calls, a changed batch) gets UNKNOWN_LAYOUT, and so does every later call of
+    that step.
+    """
+
+    def __init__(self) -> None:
+        self._plan = UNKNOWN_LAYOUT
+        self._next_row = 0
+
+    def start_step(self, plan: RowLayout) -> None:
+        self._plan = plan
+        self._next_row = 0
+
+    def drop_uncond(self) -> None:
+        """Cut the plan after its cond rows (the host skipped the uncond for this step)."""
+        roles = self._plan.roles
+        cond_rows = next((i for i, role in enumerate(roles) if role is not Role.COND), len(roles))
+        self._plan = self._plan.rows(0, cond_rows) if self._plan.known else UNKNOWN_LAYOUT
+
+    def next_call(self, num_rows: int) -> RowLayout:
+        stop = self._next_row + num_rows
+        if not self._plan.known or num_rows < 1 or stop > self._plan.num_rows:
+            self._next_row = self._plan.num_rows  # derailed: the rest of this step is unknown too
+            return UNKNOWN_LAYOUT
+        layout = self._plan.rows(self._next_row, stop)
+        self._next_row = stop
+        return layout
+
+
+# ----------------------------------------------------------------------------------------------------- Forge
+
+
+def forge_row_layout(cond_or_uncond: Sequence[int], batch_size: int, num_rows: int,
+                     frame_offset: int) -> RowLayout:
+    """Layout of a Forge UNet call from ``extra_options`` (hosts.md §4.2).
+
+    Row r is chunk ``r // B``, image ``r % B``, role ``cond_or_uncond[r // B]`` (0 = cond, 1 = uncond), with
+    ``B = len(extra_options['sigmas'])``. Cached: Forge patches rebuild the layout on every attention call.
+    """
+    return _forge_row_layout(tuple(cond_or_uncond), batch_size, num_rows, frame_offset)
+
+
+_FORGE_ROLES = {0: Role.COND, 1: Role.UNCOND}
+
+
+@functools.lru_cache(maxsize=64)
+def _forge_row_layout(cond_or_uncond: tuple[int, ...], batch_size: int, num_rows: int,
+                      frame_offset: int) -> RowLayout:
+    if batch_size < 1 or num_rows != batch_size * len(cond_or_uncond) or num_rows == 0:
+        return UNKNOWN_LAYOUT
+    if any(value not in _FORGE_ROLES for value in cond_or_uncond):
+        return UNKNOWN_LAYOUT
+    frames = tuple(frame_offset + r % batch_size for r in range(num_rows))
+    roles = tuple(_FORGE_ROLES[cond_or_uncond[r // batch_size]] for r in range(num_rows))
+    return RowLayout(frames, roles)
+
+
+# ------------------------------------------------------------------------------------------ token grids
+
+
+class TokenGrid(NamedTuple):
+    """Spatial grid of a layer's tokens; ``level`` = number of 2x downsamplings from the latent."""
+
+    height: int
+    width: int
+    level: int
+
+
+MAX_DOWNSAMPLING_LEVEL = 6
+
+
+def token_grid(num_tokens: int, latent_hw: tuple[int, int]) -> TokenGrid | None:
+    """Token grid of a layer with ``num_tokens`` tokens when the UNet input latent is ``latent_hw`` = (H, W).
+
+    Every UNet level halves H and W with ceil rounding (a stride-2 conv with padding 1), so SDXL's odd latent
+    sizes work: 1216x832 -> latent 152x104 -> 76x52 -> 38x26; 600 px -> latent 75 -> 38 -> 19. ``None`` when no
+    level matches (token merging, tiling, a foreign layer).
+    """
+    height, width = latent_hw
+    for level in range(MAX_DOWNSAMPLING_LEVEL + 1):
+        if height * width == num_tokens:
+            return TokenGrid(height, width, level)
+        height, width = -(-height // 2), -(-width // 2)
+    return None
