@@ -126,15 +126,15 @@ class ConsistencyState:
                 f"latent_hw={self.latent_hw}, step={self.step}, total_steps={self.total_steps}, bank={self.bank!r})")
 
 
-class ConsistentSelfAttentionHook:
-    """Instance-level ``forward`` of one self-attention module that applies CSA through ``state``."""
+class InstanceForwardHook:
+    """Base of our instance-level ``forward`` wrappers: symmetric install/remove, pass-through once retired.
 
-    def __init__(self, module: torch.nn.Module, layer: LayerAddress, state: ConsistencyState,
-                 context_kwarg: str = "context") -> None:
+    Subclasses implement ``__call__`` and call ``_inner_forward`` for the computation they leave to the host.
+    """
+
+    def __init__(self, module: torch.nn.Module, layer: LayerAddress) -> None:
         self.module = module
         self.layer = layer
-        self.state = state
-        self.context_kwarg = context_kwarg
         self.retired = False  # True once removed: a retired hook only ever passes through
         self._previous = None  # the instance forward that was there before us, if any
 
@@ -142,8 +142,8 @@ class ConsistentSelfAttentionHook:
         current = self.module.__dict__.get("forward")
         if self.retired or current is self:
             raise RuntimeError(f"hook for {self.layer} was already installed; build a new one")
-        if isinstance(current, ConsistentSelfAttentionHook) and not current.retired:
-            raise RuntimeError(f"self-attention layer {self.layer} already carries a consistent-story hook")
+        if isinstance(current, type(self)) and not current.retired:
+            raise RuntimeError(f"layer {self.layer} already carries a consistent-story {type(self).__name__}")
         self._previous = current
         self.module.forward = self
 
@@ -163,6 +163,16 @@ class ConsistentSelfAttentionHook:
             return self._previous(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)  # the class forward at call time
 
+
+class ConsistentSelfAttentionHook(InstanceForwardHook):
+    """Instance-level ``forward`` of one self-attention module that applies CSA through ``state``."""
+
+    def __init__(self, module: torch.nn.Module, layer: LayerAddress, state: ConsistencyState,
+                 context_kwarg: str = "context") -> None:
+        super().__init__(module, layer)
+        self.state = state
+        self.context_kwarg = context_kwarg
+
     def __call__(self, hidden: torch.Tensor, *args, **kwargs):
         if self.retired or args or kwargs.get(self.context_kwarg) is not None or hidden.dim() != 3 or any(
                 isinstance(value, torch.Tensor) for value in kwargs.values()):
@@ -177,19 +187,19 @@ class ConsistentSelfAttentionHook:
         return attend_in_groups(attention, hidden, groups)
 
 
-_LDM_SELF_ATTENTION = re.compile(
-    r"(?:^|\.)(?:(input|output)_blocks\.(\d+)|(middle)_block)\.1\.transformer_blocks\.(\d+)\.attn1$")
+_LDM_ATTENTION = re.compile(
+    r"(?:^|\.)(?:(input|output)_blocks\.(\d+)|(middle)_block)\.1\.transformer_blocks\.(\d+)\.(attn[12])$")
 
 
-def ldm_layer_address(module_name: str) -> LayerAddress | None:
-    """Shared layer address of an ldm/sgm UNet attn1 module name (hosts.md §3.1), else None.
+def ldm_layer_address(module_name: str, kind: str = "attn1") -> LayerAddress | None:
+    """Shared layer address of an ldm/sgm UNet ``kind`` (attn1 or attn2) module name (hosts.md §3.1), else None.
 
     ``input_blocks.4.1.transformer_blocks.0.attn1`` -> ("input", 4, 0); ``middle_block.1...`` -> ("middle", 0, j).
     """
-    match = _LDM_SELF_ATTENTION.search(module_name)
-    if match is None:
+    match = _LDM_ATTENTION.search(module_name)
+    if match is None or match.group(5) != kind:
         return None
-    block, index, middle, transformer = match.groups()
+    block, index, middle, transformer, _ = match.groups()
     return (block, int(index), int(transformer)) if middle is None else ("middle", 0, int(transformer))
 
 
@@ -208,7 +218,7 @@ def install_hooks(layers: Iterable[tuple[LayerAddress, torch.nn.Module]], state:
     return hooks
 
 
-def remove_hooks(hooks: Iterable[ConsistentSelfAttentionHook]) -> None:
+def remove_hooks(hooks: Iterable[InstanceForwardHook]) -> None:
     """Remove in reverse install order (restores nested wrappers exactly)."""
     for hook in reversed(list(hooks)):
         hook.remove()
@@ -219,7 +229,7 @@ def remove_stale_hooks(root: torch.nn.Module) -> int:
     removed = 0
     for module in root.modules():
         hook = module.__dict__.get("forward")
-        while isinstance(hook, ConsistentSelfAttentionHook):  # hooks of several runs may be stacked
+        while isinstance(hook, InstanceForwardHook):  # hooks of several runs may be stacked
             hook.remove()
             removed += 1
             hook = module.__dict__.get("forward")

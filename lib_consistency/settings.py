@@ -149,11 +149,12 @@ class Settings:
 
     @classmethod
     def from_args(cls, args: Sequence[Any]) -> "Settings":
-        """From the positional script arguments in UI order, or a single dict element (API users).
+        """From the positional script arguments in UI order, or a dict as the first element (API users).
 
-        Positions missing at the end take the field defaults (the UI's initial values).
+        Positions missing at the end take the field defaults (the UI's initial values). With a dict first, the
+        host has filled the remaining positions with the UI defaults; they are ignored.
         """
-        if len(args) == 1 and isinstance(args[0], Mapping):
+        if args and isinstance(args[0], Mapping):
             return cls.from_dict(args[0])
         fields = dataclasses.fields(cls)
         if len(args) > len(fields):

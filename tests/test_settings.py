@@ -68,6 +68,7 @@ def test_round_trips(seed):
     assert Settings.from_args(s.to_args()) == s
     assert Settings.from_dict(s.to_dict()) == s
     assert Settings.from_args([s.to_dict()]) == s
+    assert Settings.from_args([s.to_dict(), *Settings().to_args()[1:]]) == s  # host-filled defaults ignored
     assert Settings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
 
 

@@ -1,0 +1,299 @@
+"""AUTOMATIC1111 1.10 adapter: one story generation through the host's script hooks (hosts.md §1-5, §15.4).
+
+Flow for one job (``p`` = the processing object; every per-generation fact lives in a ``StoryGeneration`` stored
+on ``p``, never on the Script, which the txt2img tab, the img2img tab and the API share):
+
+- ``before_process``: sweep hooks a crashed run left behind; build Settings (UI args, API dict, X/Y/Z overrides)
+  and the story plan; refuse unsupported setups; turn the story into the batch (one image per frame, prompts,
+  seeds, batch size/count). Script hooks' exceptions are swallowed by the host (hosts.md §1.3), so any error is
+  kept and re-raised from the wrapped ``p.sample``, where it fails the request with its message.
+- ``p.sample`` (wrapped, called once per batch; hires runs inside it): build this batch's 1P1S conditioning, install
+  a UNet pre-hook (row cursor) and the attention hooks, sample, remove everything in ``finally``.
+- ``on_cfg_denoiser`` (registered once at import): swap in the frames' conditioning, plan the rows of this step.
+- ``postprocess``: append the storyboard, close the run; ``p.close`` is wrapped too (runs even on errors).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import torch
+
+from modules import devices, extra_networks, images, processing, prompt_parser, sd_unet, shared
+
+from ..attention_hooks import BankMode, ConsistencyState, install_hooks, ldm_layer_address, remove_stale_hooks
+from ..consistent_self_attention import CsaSettings, StepKey
+from ..identity_attention_hook import IdentityAttentionState, install_identity_hooks
+from ..reference_bank import ReferenceBank
+from ..row_layout import UNKNOWN_LAYOUT, A1111RowCursor, a1111_step_plan
+from ..settings import Settings
+from ..story_run import FrameConditioning, StoryRunPlan, plan_consolidation, plan_story_run
+
+RUN_ATTRIBUTE = "consistent_story_generation"
+OVERRIDES_ATTRIBUTE = "consistent_story_overrides"  # X/Y/Z axis values (hosts/xyz.py)
+STYLE_INFOTEXT_KEY = "Story Style"
+SDXL_POOLED_WIDTH = 1280  # 'vector' = bigG pooled (1280) + six 256-d size embeddings
+_AND = re.compile(r"\bAND\b")
+
+
+class StoryGeneration:
+    """Per-generation state of one story job (style.md: one explicit state object)."""
+
+    def __init__(self, settings: Settings, plan: StoryRunPlan, error: Exception | None = None) -> None:
+        self.settings, self.plan, self.error = settings, plan, error
+        self.cursor = A1111RowCursor()
+        self.conditioning: FrameConditioning | None = None
+        self.pooled: dict[str, torch.Tensor] = {}
+        self.batch_contexts: torch.Tensor | None = None  # [B, 77, D] of the batch being sampled
+        self.batch_pooled: torch.Tensor | None = None
+        self.csa: ConsistencyState | None = None
+        self.ipca: IdentityAttentionState | None = None
+        self.hooks: list = []
+        self.unet_hook_handle = None
+        self.sampling = False
+
+
+def _unet(p) -> torch.nn.Module:
+    return p.sd_model.model.diffusion_model
+
+
+def _row_cursor_hook(generation: StoryGeneration):
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("x")
+        if generation.sampling and isinstance(x, torch.Tensor):
+            layout = generation.cursor.next_call(x.shape[0])
+            if generation.csa is not None:
+                generation.csa.begin_unet_call(layout, tuple(x.shape[-2:]))
+            if generation.ipca is not None:
+                generation.ipca.layout = layout
+        return None
+    hook.consistent_story_row_cursor = True  # lets a later run's sweep recognise a leftover
+    return hook
+
+
+def sweep_stale(unet: torch.nn.Module) -> None:
+    """Remove hooks a failed or interrupted run left on the UNet (next run's first action, and on unload)."""
+    remove_stale_hooks(unet)
+    for key, hook in list(unet._forward_pre_hooks.items()):
+        if getattr(hook, "consistent_story_row_cursor", False):
+            del unet._forward_pre_hooks[key]
+            unet._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def settings_for(p, args: Sequence[Any]) -> Settings:
+    settings = Settings.from_args(list(args))
+    overrides = dict(getattr(p, OVERRIDES_ATTRIBUTE, {}))
+    if "preset" in overrides:
+        settings = settings.with_preset(overrides.pop("preset"))
+    for key, value in overrides.items():
+        settings = settings.with_value(key, value)
+    return settings
+
+
+def refusal(p, settings: Settings) -> str | None:
+    """Why this job cannot run with the story methods, or None (hosts.md §13, §15.4)."""
+    model = p.sd_model
+    if not (getattr(model, "is_sdxl", False) or getattr(model, "is_sd1", False)):
+        return "only SD1.x and SDXL checkpoints are supported"
+    if sd_unet.current_unet is not None:
+        return "a replaced UNet (SD UNet setting, e.g. TensorRT) bypasses the attention hooks"
+    if getattr(p, "refiner_checkpoint_info", None) is not None:
+        return "a refiner switches models mid-sampling; turn the refiner off"
+    prompts = [p.prompt] if isinstance(p.prompt, str) else list(p.prompt)
+    if any(_AND.search(text) for text in prompts + [settings.story]):
+        return "'AND' prompts (composable diffusion) are not supported"
+    if settings.csa and (shared.opts.data.get("hypertile_enable_unet") or
+                         shared.opts.data.get("hypertile_enable_unet_secondpass")):
+        return "Hypertile (UNet) splits the self-attention the story shares; turn it off in Settings"
+    if settings.masked_sharing:
+        return "masked sharing (StorySync) is not available yet; choose another preset or turn it off"
+    return None
+
+
+def before_process(p, args: Sequence[Any]) -> None:
+    unet = _unet(p)
+    sweep_stale(unet)
+    if getattr(p, "_ad_inner", False) or getattr(p, "txt2img_upscale", False) or hasattr(p, RUN_ATTRIBUTE):
+        return  # nested or repeated run: the outer job owns the story
+    try:
+        settings = settings_for(p, args)
+        if not settings.enabled:
+            return
+        reason = refusal(p, settings)
+        if reason:
+            raise RuntimeError(f"Consistent Story: {reason}")
+        style = p.prompt if isinstance(p.prompt, str) else p.prompt[0]
+        plan = plan_story_run(settings, style, processing.get_fixed_seed(
+            p.seed[0] if isinstance(p.seed, list) else p.seed))
+    except Exception as error:  # kept and raised from p.sample: the host would swallow it here
+        _keep_error(p, error)
+        return
+    generation = StoryGeneration(settings, plan)
+    setattr(p, RUN_ATTRIBUTE, generation)
+    p.prompt = list(plan.frame_prompts)
+    if getattr(p, "enable_hr", False):
+        p.hr_prompt = list(plan.frame_prompts)
+    p.seed = list(plan.seeds)
+    p.batch_size, p.n_iter = plan.batch_size, plan.batch_count
+    p.extra_generation_params.update(settings.to_infotext())
+    p.extra_generation_params[STYLE_INFOTEXT_KEY] = style
+    _wrap_sampling(p, generation)
+
+
+def _keep_error(p, error: Exception) -> None:
+    message = str(error) if str(error).startswith("Consistent Story") else f"Consistent Story: {error}"
+    generation = StoryGeneration(None, None, error=RuntimeError(message))
+    setattr(p, RUN_ATTRIBUTE, generation)
+    _wrap_sampling(p, generation)
+
+
+def _wrap_sampling(p, generation: StoryGeneration) -> None:
+    original_sample, original_close = p.sample, p.close
+
+    def sample(*args, **kwargs):
+        if generation.error is not None:
+            raise generation.error
+        install(p, generation)
+        try:
+            return original_sample(*args, **kwargs)
+        finally:
+            uninstall(p, generation)
+
+    def close():
+        try:
+            uninstall(p, generation)
+            if generation.csa is not None:
+                generation.csa.close()
+        finally:
+            original_close()
+
+    p.sample, p.close = sample, close
+
+
+def _tokenizer(model):
+    embedder = model.conditioner.embedders[0] if getattr(model, "is_sdxl", False) else model.cond_stage_model
+
+    def tokenize(text: str) -> range:
+        return range(embedder.tokenize_line(text)[1])
+    return tokenize
+
+
+def _encoder(p, generation: StoryGeneration):
+    def encode(texts: Sequence[str]) -> list[torch.Tensor]:
+        conditioning = prompt_parser.SdConditioning(list(texts), width=p.width, height=p.height)
+        with devices.autocast(), torch.no_grad():
+            encoded = p.sd_model.get_learned_conditioning(conditioning)
+        if isinstance(encoded, dict):
+            for text, vector in zip(texts, encoded["vector"]):
+                generation.pooled[text] = vector[:SDXL_POOLED_WIDTH]
+            encoded = encoded["crossattn"]
+        return list(encoded)
+    return encode
+
+
+def install(p, generation: StoryGeneration) -> None:
+    """Build this batch's conditioning and install the hooks (called at the start of every ``p.sample``)."""
+    settings, plan = generation.settings, generation.plan
+    frames = list(plan.batch_frames(p.iteration))
+    unet = _unet(p)
+    if settings.consolidate:
+        if generation.conditioning is None:
+            style_text, _ = extra_networks.parse_prompt(plan.style)  # <lora:...> tags are not prompt text
+            token_plan = plan_consolidation(settings, plan.story, style_text, _tokenizer(p.sd_model))
+            generation.conditioning = FrameConditioning(settings, token_plan, _encoder(p, generation))
+        generation.batch_contexts = torch.stack(generation.conditioning.contexts(frames))
+        if generation.pooled:
+            token_plan = generation.conditioning.token_plan
+            generation.batch_pooled = torch.stack([generation.pooled[token_plan.frames[f].text] for f in frames])
+    if settings.ipca and settings.consolidate:
+        generation.ipca = IdentityAttentionState(generation.conditioning.identity_positions(),
+                                                 settings.ipca_dropout, plan.seeds[0])
+        attn2 = [(a, m) for n, m in unet.named_modules() if (a := ldm_layer_address(n, "attn2"))]
+        generation.hooks += install_identity_hooks(attn2, generation.ipca)
+    if settings.csa:
+        if generation.csa is None:
+            generation.csa = ConsistencyState(CsaSettings(settings.csa_rate, settings.csa_schedule,
+                                                          settings.csa_layers), plan.seeds[0], plan.frame_groups(),
+                                              reference_frames=plan.reference_frames,
+                                              bank=ReferenceBank(offload_to_cpu=settings.bank_on_cpu))
+        if plan.reference_frames:
+            generation.csa.bank_mode = BankMode.WRITE if p.iteration == 0 else BankMode.READ
+        attn1 = [(a, m) for n, m in unet.named_modules() if (a := ldm_layer_address(n, "attn1"))]
+        generation.hooks += install_hooks(attn1, generation.csa)
+    generation.unet_hook_handle = unet.register_forward_pre_hook(_row_cursor_hook(generation), with_kwargs=True)
+    generation.sampling = True
+
+
+def uninstall(p, generation: StoryGeneration) -> None:
+    """Remove everything ``install`` added (symmetric; safe to call twice)."""
+    generation.sampling = False
+    for hook in reversed(generation.hooks):
+        hook.remove()
+    generation.hooks = []
+    if generation.unet_hook_handle is not None:
+        generation.unet_hook_handle.remove()
+        generation.unet_hook_handle = None
+
+
+def on_cfg_denoiser(params) -> None:
+    """Per denoiser call: swap in the frames' conditioning and plan the UNet rows (hosts.md §2.2, §4.3)."""
+    p = getattr(params.denoiser, "p", None)
+    generation = getattr(p, RUN_ATTRIBUTE, None)
+    if generation is None or not generation.sampling:
+        return
+    batch = len(generation.plan.batch_frames(p.iteration))
+    cond = params.text_cond
+    rows = (cond["crossattn"] if isinstance(cond, dict) else cond).shape[0]
+    if rows != batch:
+        generation.cursor.start_step(UNKNOWN_LAYOUT)  # unexpected rows (AND, another extension): pass through
+        return
+    if generation.batch_contexts is not None:
+        contexts = generation.batch_contexts
+        if isinstance(cond, dict):  # SDXL DictWithShape: change keys in place, keep the instance
+            reference = cond["crossattn"]
+            cond["crossattn"] = contexts.to(reference.device, reference.dtype)
+            if generation.batch_pooled is not None:
+                vector = cond["vector"]
+                pooled = generation.batch_pooled.to(vector.device, vector.dtype)
+                cond["vector"] = torch.cat([pooled, vector[:, SDXL_POOLED_WIDTH:]], dim=1)
+        else:
+            params.text_cond = contexts.to(cond.device, cond.dtype)
+    generation.cursor.start_step(a1111_step_plan([1] * batch, p.iteration * generation.plan.batch_size))
+    if _uncond_skipped(params):
+        generation.cursor.drop_uncond()
+    step = StepKey(1 if getattr(p, "is_hr_pass", False) else 0, params.sampling_step, float(params.sigma[0]))
+    if generation.csa is not None:
+        generation.csa.begin_step(step.pass_index, step.step_index, params.total_sampling_steps, step.sigma)
+    if generation.ipca is not None:
+        generation.ipca.step = step
+
+
+def _uncond_skipped(params) -> bool:
+    """The host's own skip rules, evaluated after this callback (sd_samplers_cfg_denoiser.py)."""
+    denoiser, opts = params.denoiser, shared.opts
+    if opts.skip_early_cond != 0 and denoiser.step / denoiser.total_steps <= opts.skip_early_cond:
+        return True
+    s_min_uncond = getattr(denoiser.p, "s_min_uncond", 0)
+    return bool((denoiser.step % 2 or opts.s_min_uncond_all) and s_min_uncond > 0
+                and float(params.sigma[0]) < s_min_uncond)
+
+
+def postprocess(p, processed) -> None:
+    """Append the storyboard (after all frames) and end the run."""
+    generation = getattr(p, RUN_ATTRIBUTE, None)
+    if generation is None or generation.error is not None:
+        return
+    uninstall(p, generation)
+    if generation.csa is not None:
+        generation.csa.close()
+    if generation.settings.storyboard and processed.images:
+        from .storyboard import compose_storyboard
+        frames = processed.images[processed.index_of_first_image:][:generation.plan.frame_count]
+        captions = [frame.caption for frame in generation.plan.story.frames][:len(frames)]
+        board = compose_storyboard(frames, captions)
+        info = processed.infotexts[processed.index_of_first_image] if processed.infotexts else ""
+        processed.images.append(board)
+        processed.infotexts.append(info)
+        if shared.opts.grid_save and not p.do_not_save_grid:
+            images.save_image(board, p.outpath_grids, "storyboard", processed.seed, p.main_prompt,
+                              shared.opts.grid_format, info=info, grid=True, p=p)

@@ -1,0 +1,31 @@
+"""The AlwaysOn ``Script`` of both WebUIs: UI, then hands every hook to the host adapter (no method logic here).
+
+The title is the API key: ``alwayson_scripts: {"consistent story": {"args": [...]}}`` (hosts.md §8).
+"""
+from __future__ import annotations
+
+from modules import scripts
+
+from . import a1111
+from .ui import build_ui
+
+TITLE = "Consistent Story"
+
+
+class ConsistentStoryScript(scripts.Script):
+    sorting_priority = 15  # Forge: place among the other accordions
+
+    def title(self):
+        return TITLE
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        return build_ui(self, is_img2img)
+
+    def before_process(self, p, *args):
+        a1111.before_process(p, args)
+
+    def postprocess(self, p, processed, *args):
+        a1111.postprocess(p, processed)

@@ -1,0 +1,113 @@
+"""IPCA on real cross-attention (attn2) modules: conditional rows get the identity tokens appended.
+
+Paper: One-Prompt-One-Story §3.2 (methods.md §2.5, §2.8 Step D). Conditional rows only; unconditional and other
+rows keep their own call untouched. With dropout 0 (the official default) the hook calls the module's own forward
+with ``context = [own context ; SOT + identity rows]`` for the cond rows (``append_identity_tokens``), so the host's
+kernel does the work. With dropout p > 0 the bias differs per query, which no context can express: the cond rows are
+then computed here with the module's own projections and SDPA plus the seeded ``identity_logit_bias``.
+
+Host contract as ``attention_hooks``: the forward takes hidden states first and the text context as a keyword
+(``context=`` in ldm/sgm, ``encoder_hidden_states=`` in diffusers); the state carries the row layout of the current
+UNet call and the step, and the hook passes through when the layout is unknown or the state is closed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from .attention_hooks import InstanceForwardHook
+from .consistent_self_attention import LayerAddress, StepKey, layer_key, stable_seed
+from .identity_cross_attention import append_identity_tokens, attention_with_bias, identity_logit_bias
+from .row_layout import UNKNOWN_LAYOUT, Role, RowLayout
+
+
+@dataclass
+class IdentityAttentionState:
+    """Per-generation IPCA state; the adapter updates ``layout`` per UNet call and ``step`` per denoiser call."""
+    identity_positions: tuple[int, ...]
+    dropout: float = 0.0
+    run_seed: int = 0
+    layout: RowLayout = UNKNOWN_LAYOUT
+    step: StepKey | None = None
+    closed: bool = False
+
+
+def biased_attention_forward(module: torch.nn.Module, hidden: torch.Tensor, context: torch.Tensor,
+                             bias: torch.Tensor) -> torch.Tensor:
+    """The attention of an ldm/diffusers attention module with an additive logit bias.
+
+    hidden: (R, Q, C); context: (R, T, D); bias: (R, Q, T), shared across heads. Uses ``to_q/to_k/to_v``,
+    ``heads`` and every layer of ``to_out`` (Linear then Dropout in both libraries).
+    """
+    rows, heads = hidden.shape[0], module.heads
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(rows, t.shape[1], heads, -1).transpose(1, 2)
+
+    q, k, v = split(module.to_q(hidden)), split(module.to_k(context)), split(module.to_v(context))
+    out = attention_with_bias(q, k, v, bias.unsqueeze(1)).transpose(1, 2).reshape(rows, hidden.shape[1], -1)
+    for layer in module.to_out:
+        out = layer(out)
+    return out
+
+
+class IdentityCrossAttentionHook(InstanceForwardHook):
+    """Instance-level ``forward`` of one cross-attention module applying IPCA to the cond rows."""
+
+    def __init__(self, module: torch.nn.Module, layer: LayerAddress, state: IdentityAttentionState,
+                 context_kwarg: str = "context") -> None:
+        super().__init__(module, layer)
+        self.state = state
+        self.context_kwarg = context_kwarg
+
+    def __call__(self, hidden: torch.Tensor, *args, **kwargs):
+        state, context = self.state, kwargs.get(self.context_kwarg)
+        if (self.retired or state.closed or args or context is None or hidden.dim() != 3
+                or not state.layout.matches(hidden.shape[0]) or context.shape[0] != hidden.shape[0]
+                or context.shape[1] <= max(state.identity_positions)
+                or any(isinstance(v, torch.Tensor) for k, v in kwargs.items() if k != self.context_kwarg)):
+            return self._inner_forward(hidden, *args, **kwargs)
+        cond = [r for r, role in enumerate(state.layout.roles) if role is Role.COND]
+        if not cond:
+            return self._inner_forward(hidden, **kwargs)
+        rest = [r for r in range(hidden.shape[0]) if r not in set(cond)]
+        cond_index = torch.tensor(cond, device=hidden.device)
+        cond_out = self._cond_rows(hidden.index_select(0, cond_index), context.index_select(0, cond_index), kwargs)
+        if not rest:
+            return cond_out
+        rest_index = torch.tensor(rest, device=hidden.device)
+        rest_out = self._inner_forward(hidden.index_select(0, rest_index),
+                                       **{**kwargs, self.context_kwarg: context.index_select(0, rest_index)})
+        out = cond_out.new_empty((hidden.shape[0],) + tuple(cond_out.shape[1:]))
+        out.index_copy_(0, cond_index, cond_out)
+        out.index_copy_(0, rest_index, rest_out)
+        return out
+
+    def _cond_rows(self, hidden: torch.Tensor, context: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        state = self.state
+        if state.dropout == 0:
+            extended = append_identity_tokens(context, state.identity_positions)
+            return self._inner_forward(hidden, **{**kwargs, self.context_kwarg: extended})
+        generator = torch.Generator().manual_seed(stable_seed(state.run_seed, state.step, layer_key(self.layer), "ipca"))
+        bias = torch.stack([identity_logit_bias(context.shape[1], state.identity_positions, n_queries=hidden.shape[1],
+                                                dropout=state.dropout, generator=generator, dtype=hidden.dtype,
+                                                device=hidden.device) for _ in range(hidden.shape[0])])
+        return biased_attention_forward(self.module, hidden, context, bias)
+
+
+def install_identity_hooks(layers: Iterable[tuple[LayerAddress, torch.nn.Module]], state: IdentityAttentionState,
+                           context_kwarg: str = "context") -> list[IdentityCrossAttentionHook]:
+    """Hook every given attn2 module; on an error the hooks installed so far are removed before re-raising."""
+    hooks: list[IdentityCrossAttentionHook] = []
+    try:
+        for layer, module in layers:
+            hook = IdentityCrossAttentionHook(module, layer, state, context_kwarg)
+            hook.install()
+            hooks.append(hook)
+    except Exception:
+        for hook in reversed(hooks):
+            hook.remove()
+        raise
+    return hooks

@@ -1,0 +1,118 @@
+"""One generation of a story, host-free: which images, prompts, seeds and batches, and each frame's conditioning.
+
+The story decides the images: one per frame, in batches of at most ``frames_per_batch`` (0 = one batch). Frame
+``i`` is image ``i`` of the generation, i.e. ``iteration * batch_size + position in batch`` in both hosts.
+With consistent self-attention and more than one batch, the reference frames (the first batch, or the first
+``reference_frames`` frames) write the bank and later batches read it (StoryDiffusion's identity frames, §3.4).
+
+1Prompt1Story conditioning (methods.md §2.8 Steps A-C) is built from the host's own encoder: the identity prompt is
+the style text (the WebUI prompt box, extra-network tags removed by the host) followed by the story's identity
+prompt; every frame's context is the SVR/NPR-reweighted encoding of its consolidated prompt or window.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .settings import Settings
+from .story import Story, parse_story
+from .svr import npr_frame_context, svr_frame_context
+from .token_plan import CONTEXT_TOKENS, TokenPlan, Tokenizer, plan_tokens
+
+
+@dataclass(frozen=True)
+class StoryRunPlan:
+    """Images of one story generation (host-free facts the adapters apply to the host's processing object)."""
+    story: Story
+    style: str
+    frame_prompts: tuple[str, ...]   # each frame's own prompt: style, characters' descriptions, frame text
+    seeds: tuple[int, ...]
+    batch_size: int
+    batch_count: int
+    reference_frames: tuple[int, ...]  # frames that write the bank (empty: no bank, in-batch sharing only)
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.frame_prompts)
+
+    def batch_frames(self, iteration: int) -> range:
+        start = iteration * self.batch_size
+        return range(start, min(start + self.batch_size, self.frame_count))
+
+    def frame_groups(self) -> dict[int, frozenset[str]]:
+        return dict(enumerate(self.story.frame_groups()))
+
+
+def plan_story_run(settings: Settings, style: str, seed: int) -> StoryRunPlan:
+    """Expand ``settings.story`` into images. Raises StoryError / SettingsError with the line or field at fault."""
+    story = parse_story(settings.story)
+    count = len(story.frames)
+    batch_size = min(settings.frames_per_batch or count, count)
+    batch_count = math.ceil(count / batch_size)
+    seeds = (seed,) * count if settings.seed_mode == "same" else tuple(seed + i for i in range(count))
+    references: tuple[int, ...] = ()
+    if settings.csa and batch_count > 1:
+        references = tuple(range(settings.reference_frames or batch_size))
+    prompts = tuple(story.frame_prompt(i, style) for i in range(count))
+    return StoryRunPlan(story, style, prompts, seeds, batch_size, batch_count, references)
+
+
+def consolidation_identity(style: str, story: Story) -> str:
+    """The 1P1S identity prompt P0: the style text then the story's identity prompt."""
+    return ", ".join(part for part in (" ".join(style.split()), story.identity_prompt) if part)
+
+
+def plan_consolidation(settings: Settings, story: Story, style: str, tokenize: Tokenizer) -> TokenPlan:
+    """Token plan of the consolidated prompt(s); ``style`` without the host's extra-network tags."""
+    identity = consolidation_identity(style, story)
+    return plan_tokens(identity, [f.prompt for f in story.frames], tokenize, window=settings.window)
+
+
+Encode = Callable[[Sequence[str]], Sequence[torch.Tensor]]  # texts -> one [77, D] context per text
+
+
+@dataclass
+class FrameConditioning:
+    """Per-frame 1P1S contexts of one generation, built lazily per frame and cached (text encodings too).
+
+    ``encode`` is the host's own text-encoder path (CLIP skip, emphasis, embeddings and LoRA text-encoder weights
+    apply); it must return one 77-token context per text.
+    """
+    settings: Settings
+    token_plan: TokenPlan
+    encode: Encode
+    _encoded: dict[str, torch.Tensor] = field(default_factory=dict)
+    _frames: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def identity_positions(self) -> tuple[int, ...]:
+        """SOT + identity tokens; the same for every frame (the identity prompt always comes first)."""
+        return self.token_plan.frames[0].identity_positions
+
+    def contexts(self, frames: Sequence[int]) -> list[torch.Tensor]:
+        """[77, D] context of each frame (SVR'd, NPR'd or plain as the settings say)."""
+        missing = [self.token_plan.frames[f].text for f in frames if f not in self._frames]
+        texts = [t for t in dict.fromkeys(missing) if t not in self._encoded]
+        if texts:
+            for text, context in zip(texts, self.encode(texts)):
+                if context.ndim != 2 or context.shape[0] != CONTEXT_TOKENS:
+                    raise RuntimeError(f"the host encoded the consolidated prompt into {tuple(context.shape)}; "
+                                       f"expected one {CONTEXT_TOKENS}-token CLIP context")
+                self._encoded[text] = context
+        for f in frames:
+            if f not in self._frames:
+                frame_plan = self.token_plan.frames[f]
+                self._frames[f] = self._reweight(self._encoded[frame_plan.text], frame_plan)
+        return [self._frames[f] for f in frames]
+
+    def _reweight(self, context: torch.Tensor, frame_plan) -> torch.Tensor:
+        s = self.settings
+        if s.reweighting == "svr":
+            return svr_frame_context(context, frame_plan, enhance_alpha=s.svr_enhance_alpha,
+                                     enhance_beta=s.svr_enhance_beta, suppress_alpha=s.svr_suppress_alpha,
+                                     suppress_beta=s.svr_suppress_beta, eot_mode=s.eot_mode)
+        if s.reweighting == "npr":
+            return npr_frame_context(context, frame_plan, enhance=s.npr_enhance, suppress=s.npr_suppress)
+        return context

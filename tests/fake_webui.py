@@ -1,0 +1,183 @@
+"""Small stand-ins for the A1111 host: a stub ``modules`` package, a toy ldm-style UNet and a processing object
+whose ``sample`` drives the UNet the way ``CFGDenoiser.forward`` does (cond rows first, then uncond; one call).
+
+Only what the adapter touches is modelled; everything else would fail loudly with AttributeError.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+import types
+
+import torch
+
+MODULE_NAMES = ("modules", "modules.devices", "modules.extra_networks", "modules.images", "modules.processing",
+                "modules.prompt_parser", "modules.sd_unet", "modules.shared", "modules.scripts",
+                "modules.script_callbacks")
+
+
+def stub_modules() -> dict[str, types.ModuleType]:
+    mods = {name: types.ModuleType(name) for name in MODULE_NAMES}
+    mods["modules.devices"].autocast = contextlib.nullcontext
+    mods["modules.extra_networks"].parse_prompt = lambda text: (re.sub(r"<[^>]*>", "", text), {})
+    mods["modules.images"].saved = []
+    mods["modules.images"].save_image = lambda image, *a, **k: mods["modules.images"].saved.append(image)
+    mods["modules.processing"].get_fixed_seed = lambda seed: 1234 if seed in (-1, None, "") else int(seed)
+
+    class SdConditioning(list):
+        def __init__(self, prompts, is_negative_prompt=False, width=None, height=None):
+            super().__init__(prompts)
+            self.width, self.height = width, height
+
+    mods["modules.prompt_parser"].SdConditioning = SdConditioning
+    mods["modules.sd_unet"].current_unet = None
+    opts = types.SimpleNamespace(data={}, skip_early_cond=0.0, s_min_uncond_all=False, grid_save=False,
+                                 grid_format="png")
+    mods["modules.shared"].opts = opts
+    mods["modules.scripts"].Script = type("Script", (), {})
+    mods["modules.scripts"].AlwaysVisible = object()
+    for name in MODULE_NAMES[1:]:
+        setattr(mods["modules"], name.split(".")[1], mods[name])
+    return mods
+
+
+class ToyAttention(torch.nn.Module):
+    """ldm ``CrossAttention``: ``forward(x, context=None, mask=None)``; keys/values from ``context`` or ``x``."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q = torch.nn.Linear(dim, dim, bias=False)
+        self.to_k = torch.nn.Linear(context_dim, dim, bias=False)
+        self.to_v = torch.nn.Linear(context_dim, dim, bias=False)
+        self.to_out = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.Dropout(0.0))
+
+    def forward(self, x, context=None, mask=None):
+        context = x if context is None else context
+        rows = x.shape[0]
+
+        def split(t):
+            return t.view(rows, t.shape[1], self.heads, -1).transpose(1, 2)
+
+        out = torch.nn.functional.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(context)),
+                                                               split(self.to_v(context)))
+        return self.to_out(out.transpose(1, 2).reshape(rows, x.shape[1], -1))
+
+
+class ToyBlock(torch.nn.Module):
+    def __init__(self, dim: int, context_dim: int) -> None:
+        super().__init__()
+        self.attn1 = ToyAttention(dim, dim)
+        self.attn2 = ToyAttention(dim, context_dim)
+
+    def forward(self, h, context):
+        h = self.attn1(h) + h
+        return self.attn2(h, context=context) + h
+
+
+class ToyTransformer(torch.nn.Module):
+    def __init__(self, dim: int, context_dim: int) -> None:
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList([ToyBlock(dim, context_dim)])
+
+    def forward(self, x, context):
+        b, c, height, width = x.shape
+        h = x.flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        return h.transpose(1, 2).reshape(b, c, height, width)
+
+
+class ToyUNet(torch.nn.Module):
+    """ldm names: input_blocks.1.1 at the latent size, output_blocks.3.1 at latent/2 (image/16)."""
+
+    def __init__(self, channels: int = 8, context_dim: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.input_blocks = torch.nn.ModuleList([torch.nn.Conv2d(4, channels, 1),
+                                                 torch.nn.ModuleList([torch.nn.Identity(),
+                                                                      ToyTransformer(channels, context_dim)])])
+        self.output_blocks = torch.nn.ModuleList([torch.nn.Identity() for _ in range(3)] + [
+            torch.nn.ModuleList([torch.nn.Identity(), ToyTransformer(channels, context_dim)])])
+        self.out = torch.nn.Conv2d(channels, 4, 1)
+
+    def forward(self, x, timesteps=None, context=None):
+        h = self.input_blocks[1][1](self.input_blocks[0](x), context)
+        low = torch.nn.functional.avg_pool2d(h, 2)
+        low = self.output_blocks[3][1](low, context)
+        return self.out(h + torch.nn.functional.interpolate(low, size=h.shape[-2:]))
+
+
+class ToyTextModel:
+    """``cond_stage_model``/``get_learned_conditioning`` of an SD1 model over a tiny real CLIP text encoder."""
+
+    def __init__(self, tokenizer, encoder) -> None:
+        self.tokenizer, self.encoder = tokenizer, encoder
+
+    def tokenize_line(self, text):
+        return None, len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, texts):
+        ids = self.tokenizer(list(texts), padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            return self.encoder(ids).last_hidden_state
+
+
+class ToyModel:
+    def __init__(self, tokenizer, encoder) -> None:
+        self.is_sd1, self.is_sdxl = True, False
+        self.model = types.SimpleNamespace(diffusion_model=ToyUNet(context_dim=encoder.config.hidden_size))
+        self.cond_stage_model = ToyTextModel(tokenizer, encoder)
+        self.encoded_texts: list[str] = []
+
+    def get_learned_conditioning(self, texts):
+        self.encoded_texts += list(texts)
+        return self.cond_stage_model.encode(texts)
+
+
+class ToyProcessing:
+    """The parts of ``StableDiffusionProcessing`` the adapter reads, plus an A1111-shaped sampling loop."""
+
+    def __init__(self, model: ToyModel, prompt: str = "watercolor", steps: int = 3) -> None:
+        self.sd_model, self.prompt, self.negative_prompt = model, prompt, ""
+        self.seed, self.batch_size, self.n_iter, self.iteration, self.steps = -1, 1, 1, 0, steps
+        self.enable_hr, self.is_hr_pass, self.width, self.height = False, False, 64, 64
+        self.extra_generation_params: dict = {}
+        self.do_not_save_grid, self.outpath_grids, self.main_prompt = True, "", prompt
+        self.closed = False
+        self.seen_conds: list[torch.Tensor] = []
+
+    def close(self):
+        self.closed = True
+
+    def sample(self, on_cfg_denoiser, fail_at_step: int | None = None):
+        """One batch: ``steps`` denoiser calls, each one UNet call of 2B rows [cond ; uncond] (batch_cond_uncond)."""
+        prompts = self.prompt[self.iteration * self.batch_size:][:self.batch_size] \
+            if isinstance(self.prompt, list) else [self.prompt] * self.batch_size
+        model, unet = self.sd_model, self.sd_model.model.diffusion_model
+        cond, uncond = model.cond_stage_model.encode(prompts), model.cond_stage_model.encode([""] * len(prompts))
+        x = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        denoiser = types.SimpleNamespace(p=self, step=0, total_steps=self.steps)
+        for step in range(self.steps):
+            if fail_at_step == step:
+                raise RuntimeError("out of memory (simulated)")
+            params = types.SimpleNamespace(x=x, sigma=torch.full((len(prompts),), 10.0 - step), sampling_step=step,
+                                           total_sampling_steps=self.steps, text_cond=cond, text_uncond=uncond,
+                                           denoiser=denoiser)
+            on_cfg_denoiser(params)
+            self.seen_conds.append(params.text_cond)
+            out = unet(torch.cat([x, x]), None, context=torch.cat([params.text_cond, uncond]))
+            x = x - 0.1 * out[:len(prompts)]
+            denoiser.step += 1
+        return x
+
+
+def install_stub_modules(monkeypatch) -> dict[str, types.ModuleType]:
+    mods = stub_modules()
+    for name, module in mods.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    for name in [n for n in sys.modules if n.startswith("lib_consistency.hosts.")]:
+        monkeypatch.delitem(sys.modules, name)
+    return mods

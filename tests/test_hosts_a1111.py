@@ -1,0 +1,172 @@
+"""A1111 adapter against stand-ins of the host (tests/fake_webui.py): story expansion, conditioning swap, hook
+install/remove symmetry, errors raised where the host does not swallow them, stale-hook sweep, X/Y/Z overrides."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from lib_consistency.settings import Settings
+from tests.conftest import tiny_clip_text_model
+from tests.fake_webui import ToyModel, ToyProcessing, install_stub_modules
+
+STORY = "a small red fox with a white tail\nruns through snow # Morning\nsleeps in a log # Night\n[NC] an empty lake"
+
+
+@pytest.fixture
+def host(monkeypatch, clip_tokenizer):
+    install_stub_modules(monkeypatch)
+    a1111 = importlib.import_module("lib_consistency.hosts.a1111")
+    model = ToyModel(clip_tokenizer, tiny_clip_text_model(16, seed=5))
+    return a1111, model
+
+
+def args_for(**values):
+    return Settings.from_dict({"enabled": True, "story": STORY, **values}).to_args()
+
+
+def run(a1111, p, args, **sample_kwargs):
+    a1111.before_process(p, args)
+    out = p.sample(a1111.on_cfg_denoiser, **sample_kwargs)
+    return out
+
+
+def module_state(unet):
+    """Everything a hook could leave behind: instance forwards and forward pre-hooks."""
+    return ([name for name, m in unet.named_modules() if "forward" in m.__dict__],
+            len(unet._forward_pre_hooks))
+
+
+def test_disabled_is_the_baseline_bit_for_bit(host):
+    a1111, model = host
+    baseline = ToyProcessing(model).sample(a1111.on_cfg_denoiser)
+    p = ToyProcessing(model)
+    out = run(a1111, p, Settings(story=STORY).to_args())
+    assert torch.equal(out, baseline)
+    assert p.prompt == "watercolor" and p.batch_size == 1 and not p.extra_generation_params
+
+
+def test_story_becomes_the_batch(host):
+    a1111, model = host
+    p = ToyProcessing(model, prompt="watercolor <lora:ink:0.5>")
+    a1111.before_process(p, args_for())
+    assert p.prompt == ["watercolor <lora:ink:0.5>, a small red fox with a white tail, runs through snow",
+                        "watercolor <lora:ink:0.5>, a small red fox with a white tail, sleeps in a log",
+                        "watercolor <lora:ink:0.5>, an empty lake"]
+    assert (p.batch_size, p.n_iter) == (3, 1) and p.seed == [1234] * 3
+    assert p.extra_generation_params["Story Text"] == STORY
+    assert p.extra_generation_params["Story Style"] == "watercolor <lora:ink:0.5>"
+    assert Settings.from_infotext(p.extra_generation_params) == Settings.from_args(args_for())
+    sequential = ToyProcessing(model)
+    a1111.before_process(sequential, args_for(seed_mode="sequential", frames_per_batch=2))
+    assert sequential.seed == [1234, 1235, 1236] and (sequential.batch_size, sequential.n_iter) == (2, 2)
+
+
+def test_conditioning_swap_uses_the_consolidated_svr_contexts(host):
+    a1111, model = host
+    p = ToyProcessing(model)
+    run(a1111, p, args_for(ipca=False))
+    generation = getattr(p, a1111.RUN_ATTRIBUTE)
+    assert model.encoded_texts == ["watercolor, a small red fox with a white tail runs through snow sleeps in a log "
+                                   "an empty lake"]  # <lora> tags stripped, one encoding for all frames
+    expected = torch.stack(generation.conditioning.contexts([0, 1, 2]))
+    assert all(torch.equal(cond, expected) for cond in p.seen_conds)
+    assert not torch.equal(expected[0], expected[1])
+
+
+@pytest.mark.parametrize("values", [dict(), dict(preset="StoryDiffusion", csa_layers="all"),
+                                    dict(preset="Combined", csa_layers="all", ipca_dropout=0.5)])
+def test_hooks_change_the_result_and_leave_nothing_behind(host, values):
+    a1111, model = host
+    unet = model.model.diffusion_model
+    before_state = module_state(unet)
+    plain_before = ToyProcessing(model).sample(a1111.on_cfg_denoiser)
+    p = ToyProcessing(model)
+    story_out = run(a1111, p, args_for(**values))
+    assert module_state(unet) == before_state  # removed at the end of p.sample
+    plain_after = ToyProcessing(model).sample(a1111.on_cfg_denoiser)
+    assert torch.equal(plain_before, plain_after)
+    # the same prompts and seeds without the extension's effects
+    reference = ToyProcessing(model)
+    reference.prompt, reference.batch_size = list(p.prompt), p.batch_size
+    assert not torch.allclose(story_out, reference.sample(lambda params: None))
+
+
+def test_failure_during_sampling_removes_every_hook(host):
+    a1111, model = host
+    unet = model.model.diffusion_model
+    before_state = module_state(unet)
+    p = ToyProcessing(model)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(a1111, p, args_for(preset="Combined", csa_layers="all"), fail_at_step=1)
+    assert module_state(unet) == before_state
+    p.close()
+    assert p.closed
+
+
+def test_stale_hooks_are_swept_by_the_next_run(host):
+    a1111, model = host
+    unet = model.model.diffusion_model
+    before_state = module_state(unet)
+    p = ToyProcessing(model)
+    a1111.before_process(p, args_for(preset="Combined", csa_layers="all"))
+    a1111.install(p, getattr(p, a1111.RUN_ATTRIBUTE))  # a crash that skipped every cleanup
+    assert module_state(unet) != before_state
+    a1111.before_process(ToyProcessing(model), Settings().to_args())
+    assert module_state(unet) == before_state
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(story="hero\n[Bob] runs"), "story line 2: unknown character tag"),
+    (dict(csa_rate=3), "'csa_rate': 3.0 is out of range"),
+    (dict(preset="StorySync"), "masked sharing (StorySync) is not available yet"),
+])
+def test_bad_input_fails_the_generation_with_a_message(host, values, message):
+    a1111, model = host
+    p = ToyProcessing(model)
+    args = Settings(enabled=True, story=STORY).to_args()
+    args[0] = {"enabled": True, "story": STORY, **values}  # API dict form
+    a1111.before_process(p, args)
+    with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        p.sample(a1111.on_cfg_denoiser)
+    assert p.prompt == "watercolor" and p.batch_size == 1  # nothing expanded
+
+
+def test_unknown_api_key_and_refusals(host):
+    a1111, model = host
+    p = ToyProcessing(model)
+    a1111.before_process(p, [{"enabled": True, "story": STORY, "colour": "red"}])
+    with pytest.raises(RuntimeError, match="'colour': unknown key"):
+        p.sample(a1111.on_cfg_denoiser)
+    q = ToyProcessing(model, prompt="a cat AND a dog")
+    a1111.before_process(q, args_for())
+    with pytest.raises(RuntimeError, match="'AND' prompts"):
+        q.sample(a1111.on_cfg_denoiser)
+
+
+def test_xyz_overrides_apply_preset_first(host):
+    a1111, model = host
+    p = ToyProcessing(model)
+    p.consistent_story_overrides = {"csa_rate": "0.25", "preset": "StoryDiffusion"}
+    settings = a1111.settings_for(p, args_for())
+    assert settings.preset == "StoryDiffusion" and settings.csa and settings.csa_rate == 0.25
+
+
+def test_long_story_writes_then_reads_the_bank(host):
+    a1111, model = host
+    story = "a fox\n" + "\n".join(f"scene {i}" for i in range(12))
+    p = ToyProcessing(model)
+    a1111.before_process(p, args_for(story=story, preset="StoryDiffusion", csa_layers="all", frames_per_batch=4))
+    assert (p.batch_size, p.n_iter) == (4, 3)
+    generation = getattr(p, a1111.RUN_ATTRIBUTE)
+    modes = []
+    for iteration in range(3):
+        p.iteration = iteration
+        p.sample(a1111.on_cfg_denoiser)
+        modes.append(generation.csa.bank_mode.value)
+        if iteration == 0:
+            assert generation.csa.bank.bytes_held > 0
+    assert modes == ["write", "read", "read"]
+    p.close()
+    assert generation.csa.bank.bytes_held == 0
