@@ -140,6 +140,14 @@ def before_process(p, args: Sequence[Any]) -> None:
     _wrap_sampling(p, generation)
 
 
+def process(p) -> None:
+    """After ``setup_prompts``: the per-frame lists are in ``p.all_*``. The host's own prompt-comments script
+    (``modules/processing_scripts``, which runs after extension scripts) expects ``p.hr_prompt`` to be text, so
+    hand it the first frame's hires prompt; nothing else reads it once ``all_hr_prompts`` exists."""
+    if getattr(p, RUN_ATTRIBUTE, None) is not None and isinstance(getattr(p, "hr_prompt", ""), list):
+        p.hr_prompt = p.all_hr_prompts[0]
+
+
 def _keep_error(p, error: Exception) -> None:
     message = str(error) if str(error).startswith("Consistent Story") else f"Consistent Story: {error}"
     generation = StoryGeneration(None, None, error=RuntimeError(message))

@@ -27,5 +27,8 @@ class ConsistentStoryScript(scripts.Script):
     def before_process(self, p, *args):
         a1111.before_process(p, args)
 
+    def process(self, p, *args):
+        a1111.process(p)
+
     def postprocess(self, p, processed, *args):
         a1111.postprocess(p, processed)

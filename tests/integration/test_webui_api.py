@@ -1,0 +1,143 @@
+"""Opt-in tests against a running WebUI (A1111 1.10 or Forge) with this extension installed.
+
+Set ``CONSISTENT_STORY_WEBUI_URL`` (e.g. http://127.0.0.1:7860, started with ``--api``) to run them; they are
+skipped otherwise. Small sizes and few steps keep them usable on a CPU-only server with a random checkpoint.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+
+from lib_consistency.settings import Settings, axis_label, option_keys
+
+URL = os.environ.get("CONSISTENT_STORY_WEBUI_URL", "").rstrip("/")
+pytestmark = pytest.mark.skipif(not URL, reason="set CONSISTENT_STORY_WEBUI_URL to a running WebUI to run these")
+
+STORY = "a small red fox with a white tail\nruns through snow # Morning\nsleeps in a hollow log # Night\n" \
+        "[NC] an empty frozen lake # Dusk"
+BASE = {"prompt": "watercolor", "negative_prompt": "", "steps": 3, "width": 64, "height": 64, "seed": 42,
+        "sampler_name": "Euler", "cfg_scale": 5}
+
+
+def call(path: str, payload: dict | None = None) -> tuple[int, dict]:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(URL + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=1800) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def txt2img(args: list | None = None, **fields) -> dict:
+    payload = {**BASE, **fields}
+    if args is not None:
+        payload["alwayson_scripts"] = {"consistent story": {"args": args}}
+    status, body = call("/sdapi/v1/txt2img", payload)
+    assert status == 200, body
+    body["info"] = json.loads(body["info"])
+    return body
+
+
+def story_args(**values) -> list:
+    return [{"enabled": True, "story": STORY, **values}]
+
+
+def image_bytes(body: dict, index: int = 0) -> bytes:
+    return base64.b64decode(body["images"][index])
+
+
+def test_script_info_lists_every_setting():
+    status, scripts = call("/sdapi/v1/script-info")
+    assert status == 200
+    ours = [s for s in scripts if s["name"] == "consistent story"]
+    assert {s["is_img2img"] for s in ours} == {False, True} and all(s["is_alwayson"] for s in ours)
+    assert len(ours[0]["args"]) == len(option_keys())
+
+
+def test_story_with_dict_args_gives_one_image_per_frame_and_a_storyboard():
+    body = txt2img(story_args())
+    info = body["info"]
+    assert len(body["images"]) == 4  # 3 frames + storyboard
+    assert info["all_prompts"] == ["watercolor, a small red fox with a white tail, runs through snow",
+                                   "watercolor, a small red fox with a white tail, sleeps in a hollow log",
+                                   "watercolor, an empty frozen lake"]
+    assert info["all_seeds"] == [42, 42, 42]
+    pasted = info["infotexts"][0]
+    assert "Story Enabled: True" in pasted and "Story Preset: 1Prompt1Story" in pasted and "Story Text: " in pasted
+    assert "watercolor, a small red fox" in pasted.splitlines()[0]  # the frame's own prompt, not the consolidation
+
+
+def test_positional_args_equal_dict_args():
+    positional = Settings.from_dict({"enabled": True, "story": STORY, "storyboard": False}).to_args()
+    by_list = txt2img(positional)
+    by_dict = txt2img(story_args(storyboard=False))
+    assert len(by_list["images"]) == 3
+    assert [image_bytes(by_list, i) for i in range(3)] == [image_bytes(by_dict, i) for i in range(3)]
+
+
+def test_methods_change_the_images_and_vanilla_is_untouched():
+    vanilla_before = image_bytes(txt2img())
+    plain = txt2img(story_args(preset="Custom", consolidate=False, reweighting="none", ipca=False, csa=False,
+                               storyboard=False))
+    one_prompt = txt2img(story_args(storyboard=False))
+    story_diffusion = txt2img(story_args(preset="StoryDiffusion", csa_layers="all", storyboard=False))
+    vanilla_after = image_bytes(txt2img())
+    assert vanilla_before == vanilla_after
+    assert image_bytes(plain) != image_bytes(one_prompt)
+    assert image_bytes(plain) != image_bytes(story_diffusion)
+
+
+def test_twelve_frames_in_batches_of_four():
+    story = "a small red fox\n" + "\n".join(f"scene {i} in the forest" for i in range(12))
+    body = txt2img([{"enabled": True, "story": story, "preset": "Combined", "csa_layers": "all",
+                     "frames_per_batch": 4, "seed_mode": "sequential"}])
+    assert len(body["images"]) == 13
+    assert body["info"]["all_seeds"] == list(range(42, 54))
+    assert "Story Frames per batch: 4" in body["info"]["infotexts"][0]
+
+
+def test_hires_fix_keeps_the_story():
+    body = txt2img(story_args(preset="Combined", csa_layers="all", storyboard=False), enable_hr=True, hr_scale=2,
+                   hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.6)
+    assert len(body["images"]) == 3
+    png = image_bytes(body)
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (128, 128)
+    assert "Hires upscale: 2" in body["info"]["infotexts"][0]
+
+
+@pytest.mark.parametrize("args, words", [
+    ([{"enabled": True, "story": STORY, "colour": "red"}], ["colour", "unknown key"]),
+    ([{"enabled": True, "story": STORY, "csa_rate": 5}], ["csa_rate", "out of range"]),
+    ([{"enabled": True, "story": STORY, "window": "many"}], ["window", "expected a number"]),
+    ([{"enabled": True, "story": "hero\n[Bob] runs"}], ["story line 2", "[Bob]"]),
+    ([{"enabled": True, "story": "Bob: a man\n---\nwalks"}], ["story line 3", "no character tag"]),
+])
+def test_bad_input_fails_the_request_with_a_message(args, words):
+    status, body = call("/sdapi/v1/txt2img", {**BASE, "alwayson_scripts": {"consistent story": {"args": args}}})
+    assert status >= 400
+    text = json.dumps(body)
+    for word in words:
+        assert word in text, text
+
+
+def test_xyz_plot_over_a_story_axis():
+    status, scripts = call("/sdapi/v1/script-info")
+    xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    x_types = next(a for a in xyz["args"] if a["label"] == "X type")["choices"]
+    axis = x_types.index(axis_label("csa_rate"))
+    none = x_types.index("Nothing")
+    script_args = [axis, "0.25, 1.0", [], none, "", [], none, "", [], True, True, False, False, False, False, False,
+                   0, False]
+    body = txt2img(story_args(preset="StoryDiffusion", csa_layers="all", storyboard=False),
+                   script_name="x/y/z plot", script_args=script_args)
+    infotexts = body["info"]["infotexts"]
+    assert any("Story CSA rate: 0.25" in t for t in infotexts) and any("Story CSA rate: 1.0" in t for t in infotexts)
+    cells = [i for i, t in enumerate(infotexts) if "Story CSA rate" in t][-2:]
+    assert image_bytes(body, cells[0]) != image_bytes(body, cells[1])

@@ -1,0 +1,80 @@
+"""Story → images plan and per-frame 1P1S conditioning (host-free part of a generation)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib_consistency.settings import Settings
+from lib_consistency.story import StoryError
+from lib_consistency.story_run import (FrameConditioning, consolidation_identity, plan_consolidation,
+                                       plan_story_run)
+from lib_consistency.svr import svr_frame_context
+
+NAMED = "Bob: a tall man\nAlice: a girl in red\n---\n[Bob] reads # One\n[Alice] runs\n[Bob] [Alice] talk\n[NC] rain"
+
+
+def settings(**values):
+    return Settings.from_dict({"enabled": True, "story": NAMED, **values})
+
+
+def test_plan_expands_frames_seeds_and_batches():
+    plan = plan_story_run(settings(frames_per_batch=3, seed_mode="sequential", preset="Combined"), "ink", 7)
+    assert plan.frame_prompts == ("ink, a tall man, reads", "ink, a girl in red, runs",
+                                  "ink, a tall man, a girl in red, talk", "ink, rain")
+    assert plan.seeds == (7, 8, 9, 10) and (plan.batch_size, plan.batch_count) == (3, 2)
+    assert list(plan.batch_frames(1)) == [3]
+    assert plan.reference_frames == (0, 1, 2)  # CSA with several batches: the first batch writes the bank
+    assert plan.frame_groups()[2] == {"Bob", "Alice"} and plan.frame_groups()[3] == frozenset()
+
+
+def test_plan_defaults_one_batch_same_seed_no_bank():
+    plan = plan_story_run(settings(preset="Combined"), "", 5)
+    assert plan.seeds == (5,) * 4 and (plan.batch_size, plan.batch_count) == (4, 1) and plan.reference_frames == ()
+    assert plan_story_run(settings(frames_per_batch=2, reference_frames=1, preset="Combined"), "", 5) \
+        .reference_frames == (0,)
+    assert plan_story_run(settings(frames_per_batch=2), "", 5).reference_frames == ()  # no CSA, no bank
+
+
+def test_plan_reports_story_errors_with_lines():
+    with pytest.raises(StoryError, match="story line 4"):
+        plan_story_run(settings(story="Bob: x\n---\n[Bob] a\n[Eve] b"), "", 1)
+
+
+def test_consolidation_identity_and_token_plan():
+    story = plan_story_run(settings(), "", 1).story
+    assert consolidation_identity("  ink   wash ", story) == "ink wash, a tall man and a girl in red"
+    assert consolidation_identity("", story) == "a tall man and a girl in red"
+    token_plan = plan_consolidation(settings(), story, "ink", str.split)
+    assert token_plan.texts == ("ink, a tall man and a girl in red reads runs talk rain",)
+
+
+def test_frame_conditioning_encodes_each_text_once_and_reweights():
+    calls = []
+    torch.manual_seed(0)
+    base = torch.randn(77, 24)
+
+    def encode(texts):
+        calls.append(list(texts))
+        return [base.clone() for _ in texts]
+
+    s = settings()
+    token_plan = plan_consolidation(s, plan_story_run(s, "", 1).story, "", str.split)
+    conditioning = FrameConditioning(s, token_plan, encode)
+    first = conditioning.contexts([0, 1])
+    again = conditioning.contexts([1, 2, 3])
+    assert calls == [[token_plan.texts[0]]]
+    assert torch.equal(first[1], again[0])
+    assert torch.equal(first[0], svr_frame_context(base, token_plan.frames[0]))
+    assert conditioning.identity_positions() == tuple(range(0, token_plan.frames[0].identity.stop))
+    npr = FrameConditioning(settings(reweighting="npr"), token_plan, encode).contexts([0])[0]
+    assert not torch.equal(npr, first[0])
+    none = FrameConditioning(settings(reweighting="none"), token_plan, encode).contexts([0])[0]
+    assert torch.equal(none, base)
+
+
+def test_frame_conditioning_refuses_a_split_prompt():
+    s = settings()
+    token_plan = plan_consolidation(s, plan_story_run(s, "", 1).story, "", str.split)
+    conditioning = FrameConditioning(s, token_plan, lambda texts: [torch.zeros(154, 8) for _ in texts])
+    with pytest.raises(RuntimeError, match="one 77-token CLIP context"):
+        conditioning.contexts([0])
