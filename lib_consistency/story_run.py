@@ -47,8 +47,14 @@ class StoryRunPlan:
 
 
 def plan_story_run(settings: Settings, style: str, seed: int) -> StoryRunPlan:
-    """Expand ``settings.story`` into images. Raises StoryError / SettingsError with the line or field at fault."""
+    """Expand ``settings.story`` into images. Raises StoryError / SettingsError with the line or field at fault.
+
+    A ``style`` that is itself one of the story's expanded frame prompts is reduced to its style part (see
+    ``style_of_expanded_prompt``), so replaying an image's infotext regenerates the same story.
+    """
     story = parse_story(settings.story)
+    recovered = style_of_expanded_prompt(story, style)
+    style = style if recovered is None else recovered
     count = len(story.frames)
     batch_size = min(settings.frames_per_batch or count, count)
     batch_count = math.ceil(count / batch_size)
@@ -58,6 +64,21 @@ def plan_story_run(settings: Settings, style: str, seed: int) -> StoryRunPlan:
         references = tuple(range(settings.reference_frames or batch_size))
     prompts = tuple(story.frame_prompt(i, style) for i in range(count))
     return StoryRunPlan(story, style, prompts, seeds, batch_size, batch_count, references)
+
+
+def style_of_expanded_prompt(story: Story, prompt: str) -> str | None:
+    """The style ``prompt`` was built from when it is one of the story's own expanded frame prompts, else None.
+
+    Happens when an image's infotext is replayed through the API: the WebUI API runs no paste callbacks, so the
+    prompt field holds that frame's ``style, descriptions, frame text`` instead of the style alone.
+    """
+    for i in range(len(story.frames)):
+        bare = story.frame_prompt(i)
+        if prompt == bare:
+            return ""
+        if prompt.endswith(", " + bare) and story.frame_prompt(i, prompt[:-len(bare) - 2]) == prompt:
+            return prompt[:-len(bare) - 2]
+    return None
 
 
 def consolidation_identity(style: str, story: Story) -> str:

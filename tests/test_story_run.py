@@ -78,3 +78,13 @@ def test_frame_conditioning_refuses_a_split_prompt():
     conditioning = FrameConditioning(s, token_plan, lambda texts: [torch.zeros(154, 8) for _ in texts])
     with pytest.raises(RuntimeError, match="one 77-token CLIP context"):
         conditioning.contexts([0])
+
+
+def test_replayed_frame_prompt_gives_back_the_style():
+    s = settings()
+    plan = plan_story_run(s, "ink wash", 1)
+    for prompt in plan.frame_prompts:
+        again = plan_story_run(s, prompt, 1)
+        assert again.style == "ink wash" and again.frame_prompts == plan.frame_prompts
+    assert plan_story_run(s, "a tall man, reads", 1).style == ""
+    assert plan_story_run(s, "ink, a tall man, writes", 1).style == "ink, a tall man, writes"  # not a frame prompt

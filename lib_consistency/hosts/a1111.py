@@ -28,10 +28,10 @@ from ..reference_bank import ReferenceBank
 from ..row_layout import UNKNOWN_LAYOUT, A1111RowCursor, a1111_step_plan
 from ..settings import Settings
 from ..story_run import FrameConditioning, StoryRunPlan, plan_consolidation, plan_story_run
+from .ui import STYLE_INFOTEXT_KEY
+from .xyz import OVERRIDES_ATTR
 
 RUN_ATTRIBUTE = "consistent_story_generation"
-OVERRIDES_ATTRIBUTE = "consistent_story_overrides"  # X/Y/Z axis values (hosts/xyz.py)
-STYLE_INFOTEXT_KEY = "Story Style"
 SDXL_POOLED_WIDTH = 1280  # 'vector' = bigG pooled (1280) + six 256-d size embeddings
 _AND = re.compile(r"\bAND\b")
 
@@ -82,7 +82,7 @@ def sweep_stale(unet: torch.nn.Module) -> None:
 
 def settings_for(p, args: Sequence[Any]) -> Settings:
     settings = Settings.from_args(list(args))
-    overrides = dict(getattr(p, OVERRIDES_ATTRIBUTE, {}))
+    overrides = dict(getattr(p, OVERRIDES_ATTR, {}))
     if "preset" in overrides:
         settings = settings.with_preset(overrides.pop("preset"))
     for key, value in overrides.items():
@@ -128,6 +128,9 @@ def before_process(p, args: Sequence[Any]) -> None:
     except Exception as error:  # kept and raised from p.sample: the host would swallow it here
         _keep_error(p, error)
         return
+    if plan.style != style:
+        print(f"Consistent Story: the prompt is one of this story's frame prompts (an infotext replayed through the "
+              f"API); using its style {plan.style!r}")
     generation = StoryGeneration(settings, plan)
     setattr(p, RUN_ATTRIBUTE, generation)
     p.prompt = list(plan.frame_prompts)
@@ -136,7 +139,7 @@ def before_process(p, args: Sequence[Any]) -> None:
     p.seed = list(plan.seeds)
     p.batch_size, p.n_iter = plan.batch_size, plan.batch_count
     p.extra_generation_params.update(settings.to_infotext())
-    p.extra_generation_params[STYLE_INFOTEXT_KEY] = style
+    p.extra_generation_params[STYLE_INFOTEXT_KEY] = plan.style
     _wrap_sampling(p, generation)
 
 

@@ -141,3 +141,13 @@ def test_xyz_plot_over_a_story_axis():
     assert any("Story CSA rate: 0.25" in t for t in infotexts) and any("Story CSA rate: 1.0" in t for t in infotexts)
     cells = [i for i, t in enumerate(infotexts) if "Story CSA rate" in t][-2:]
     assert image_bytes(body, cells[0]) != image_bytes(body, cells[1])
+
+
+def test_infotext_restores_the_story_and_the_style():
+    """The API's ``infotext`` field goes through the same paste mapping as the UI's paste button."""
+    first = txt2img(story_args(storyboard=False))
+    status, again = call("/sdapi/v1/txt2img", {"infotext": first["info"]["infotexts"][1]})
+    assert status == 200, again
+    again["info"] = json.loads(again["info"])
+    assert again["info"]["all_prompts"] == first["info"]["all_prompts"]  # style, not frame 1's prompt, restored
+    assert [image_bytes(again, i) for i in range(3)] == [image_bytes(first, i) for i in range(3)]

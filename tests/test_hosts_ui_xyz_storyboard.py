@@ -1,0 +1,268 @@
+"""Host UI pieces without a WebUI: the accordion against gradio stand-ins, the X/Y/Z axes, the storyboard."""
+from __future__ import annotations
+
+import copy
+import types
+from unittest.mock import patch
+
+import pytest
+from PIL import Image
+
+from lib_consistency.hosts import storyboard, ui, xyz
+from lib_consistency.settings import PRESETS, Settings, axis_keys, axis_label, infotext_key, option, option_keys
+
+# --- gradio / InputAccordion stand-ins ------------------------------------------------------------------------------
+
+
+class FakeBlock:
+    """Records constructor arguments and event registrations; usable as a layout context."""
+
+    def __init__(self, value=None, **kwargs):
+        self.value, self.kwargs, self.events = value, kwargs, []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def change(self, fn, inputs, outputs, **kwargs):
+        self.events.append(("change", fn, inputs, outputs))
+
+    def input(self, fn, inputs, outputs, **kwargs):
+        self.events.append(("input", fn, inputs, outputs))
+
+
+def fake_modules():
+    kinds = {name: type(name, (FakeBlock,), {}) for name in ("Checkbox", "Dropdown", "Slider", "Textbox", "HTML",
+                                                             "Accordion", "InputAccordion")}
+    gradio = types.ModuleType("gradio")
+    for name in ("Checkbox", "Dropdown", "Slider", "Textbox", "HTML", "Accordion"):
+        setattr(gradio, name, kinds[name])
+    gradio.update = lambda **kwargs: {"__type__": "update", **kwargs}
+    ui_components = types.ModuleType("modules.ui_components")
+    ui_components.InputAccordion = kinds["InputAccordion"]
+    return {"gradio": gradio, "modules": types.ModuleType("modules"), "modules.ui_components": ui_components}
+
+
+class FakeScript:
+    def elem_id(self, item):
+        return f"script_txt2img_consistent_story_{item}"
+
+
+@pytest.fixture(scope="module")
+def built():
+    script = FakeScript()
+    with patch.dict("sys.modules", fake_modules()):
+        components = ui.build_ui(script, is_img2img=False)
+    return script, components
+
+
+def test_components_follow_option_keys(built):
+    script, components = built
+    assert len(components) == len(option_keys())
+    defaults = Settings()
+    for key, component in zip(option_keys(), components):
+        opt = option(key)
+        assert component.kwargs["label"] == opt.label
+        assert component.kwargs["elem_id"] == script.elem_id(key)
+        assert component.value == getattr(defaults, key)
+        kind = type(component).__name__
+        if key == "enabled":
+            assert kind == "InputAccordion"
+        elif isinstance(getattr(defaults, key), bool):
+            assert kind == "Checkbox"
+        elif opt.choices:
+            assert kind == "Dropdown" and component.kwargs["choices"] == list(opt.choices)
+        elif isinstance(getattr(defaults, key), (int, float)):
+            assert kind == "Slider"
+            assert (component.kwargs["minimum"], component.kwargs["maximum"], component.kwargs["step"]) == \
+                (opt.minimum, opt.maximum, opt.step)
+        else:
+            assert kind == "Textbox"
+        assert component.kwargs.get("interactive") is (False if opt.group == "StorySync" else None)
+    assert components[option_keys().index("story")].kwargs["lines"] == 8
+
+
+def test_infotext_fields_cover_every_option(built):
+    script, components = built
+    assert [field for field, _ in script.infotext_fields] == components
+    assert [key for _, key in script.infotext_fields] == [infotext_key(k) for k in option_keys()]
+    assert script.paste_field_names == [infotext_key(k) for k in option_keys()]
+    fields = dict(zip(option_keys(), (key for _, key in script.infotext_fields)))
+    # On/off keys read real bools (the API would turn "False" into True); enabled is off when absent.
+    assert fields["csa"]({"Story CSA": "False"}) is False and fields["csa"]({"Story CSA": "True"}) is True
+    assert fields["csa"]({}) is None and fields["enabled"]({}) is False
+    assert not callable(fields["window"])
+
+
+def test_preset_input_sets_method_controls(built):
+    _, components = built
+    by_key = dict(zip(option_keys(), components))
+    (event, fn, inputs, outputs), = by_key["preset"].events
+    assert event == "input" and inputs == [by_key["preset"]]
+    assert outputs == [by_key[k] for k in ui.PRESET_KEYS]
+    with patch.dict("sys.modules", fake_modules()):
+        for name, values in PRESETS.items():
+            updates = dict(zip(ui.PRESET_KEYS, fn(name)))
+            assert {k: u["value"] for k, u in updates.items() if "value" in u} == values
+    # the status line follows the story, consolidate and window controls
+    for key in ("story", "consolidate", "window"):
+        (event, fn, inputs, _), = by_key[key].events
+        assert event == "change" and inputs == [by_key["story"], by_key["consolidate"], by_key["window"]]
+
+
+def test_story_status_shows_budget_and_errors():
+    words = str.split  # a stand-in tokenizer: one token per word
+    story = "a red fox\nin the snow # Morning\n[NC] an empty lake\n"
+    assert "2 frames; 9/75 tokens (identity 3, frames 3+3)" in ui.story_status(story, True, 10, words)
+    assert "once a model is loaded" in ui.story_status(story, True, 10, None)
+    assert ui.story_status(story, False, 10, None) == "<p>2 frames</p>"
+    assert "story line 4: unknown character tag [Bobb]" in \
+        ui.story_status("Bob: a man\n---\n[Bob] walks\n[Bobb] runs", True, 10, words)
+    assert "exceeds" in ui.story_status("a fox\n" + "word " * 80, True, 10, words)
+    assert ui.story_status("  \n", True, 10, words) == ""
+
+
+def test_host_tokenizer_counts_with_the_models_tokenize_line():
+    clip = types.SimpleNamespace(tokenize_line=lambda text: ([], len(text.split()) * 2))
+    shared = types.SimpleNamespace(sd_model=types.SimpleNamespace(cond_stage_model=clip))
+    modules = {**fake_modules(), "modules.shared": shared}
+    modules["modules"].shared = shared
+    with patch.dict("sys.modules", modules):
+        assert len(ui.host_tokenizer()("a red fox")) == 6
+        shared.sd_model = types.SimpleNamespace(conditioner=types.SimpleNamespace(embedders=[clip]))  # SDXL
+        assert len(ui.host_tokenizer()("a fox")) == 4
+        shared.sd_model = None
+        assert ui.host_tokenizer() is None
+
+
+def test_infotext_paste_restores_the_style_prompt():
+    params = {"Prompt": "watercolor, a fox, in the snow", "Story Style": "watercolor"}
+    ui.on_infotext_pasted("", params)
+    assert params["Prompt"] == "watercolor"
+    params = {"Prompt": "a cat"}
+    ui.on_infotext_pasted("", params)
+    assert params == {"Prompt": "a cat"}
+
+
+# --- X/Y/Z -----------------------------------------------------------------------------------------------------------
+
+
+class FakeAxisOption:
+    def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
+        self.label, self.type, self.apply, self.confirm, self.choices = label, type, apply, confirm, choices
+
+
+def fake_xyz():
+    return types.SimpleNamespace(AxisOption=FakeAxisOption, axis_options=[FakeAxisOption("Nothing", str, None)])
+
+
+def test_xyz_axes_labels_types_and_choices():
+    module = fake_xyz()
+    assert xyz.register_xyz_axes(module) == len(axis_keys())
+    axes = {opt.label: opt for opt in module.axis_options[1:]}
+    assert list(axes) == [axis_label(k) for k in axis_keys()]
+    defaults = Settings()
+    for key in axis_keys():
+        axis, default = axes[axis_label(key)], getattr(defaults, key)
+        if isinstance(default, bool):
+            assert axis.type is str and axis.choices() == ["True", "False"]
+        elif option(key).choices:
+            assert axis.type is str and axis.choices() == list(option(key).choices)
+        else:
+            assert axis.type is type(default) and axis.choices is None
+    assert xyz.register_xyz_axes(module) == 0 and len(module.axis_options) == 1 + len(axis_keys())
+
+
+def test_xyz_apply_does_not_leak_between_cells():
+    module = fake_xyz()
+    xyz.register_xyz_axes(module)
+    axes = {opt.label: opt for opt in module.axis_options}
+    p = types.SimpleNamespace(consistent_story_overrides={"window": 4})
+    cell = copy.copy(p)
+    axes["[Story] CSA rate"].apply(cell, 0.7999999999999999, [0.8])
+    axes["[Story] Preset"].apply(cell, "Combined", ["Combined"])
+    assert cell.consistent_story_overrides == {"window": 4, "csa_rate": 0.8, "preset": "Combined"}
+    assert p.consistent_story_overrides == {"window": 4}
+    bare = types.SimpleNamespace()
+    axes["[Story] CSA"].apply(copy.copy(bare), "True", ["True"])
+    assert not hasattr(bare, "consistent_story_overrides")
+    settings = Settings().with_preset(cell.consistent_story_overrides["preset"])
+    assert settings.with_value("csa_rate", cell.consistent_story_overrides["csa_rate"]).csa_rate == 0.8
+
+
+def test_xyz_confirm_refuses_bad_values():
+    module = fake_xyz()
+    xyz.register_xyz_axes(module)
+    axes = {opt.label: opt for opt in module.axis_options}
+    axes["[Story] CSA rate"].confirm(None, [0.0, 0.9999999999999999])
+    axes["[Story] CSA"].confirm(None, ["True", "False"])
+    with pytest.raises(ValueError, match=r"\[Story\] CSA rate: 1.5 is out of range"):
+        axes["[Story] CSA rate"].confirm(None, [0.5, 1.5])
+    with pytest.raises(ValueError, match="not one of svr, npr, none"):
+        axes["[Story] Reweighting"].confirm(None, ["svd"])
+
+
+# --- storyboard -------------------------------------------------------------------------------------------------------
+
+COLOURS = [(255, 0, 0), (0, 160, 0), (0, 0, 255), (200, 200, 0), (0, 200, 200), (200, 0, 200), (90, 90, 90)]
+
+
+def solid(colour, size=(96, 64)):
+    return Image.new("RGB", size, colour)
+
+
+def panel_centres(board, count, panel_size):
+    """Panel centres derived from the board size: equal margins around panels of equal cells."""
+    columns = storyboard.storyboard_columns(count)
+    rows = -(-count // columns)
+    margin = (board.width - columns * panel_size[0]) // (columns + 1)
+    cell_h = (board.height - margin) // rows
+    return [(margin + (i % columns) * (panel_size[0] + margin) + panel_size[0] // 2,
+             margin + (i // columns) * cell_h + panel_size[1] // 2) for i in range(count)], cell_h
+
+
+@pytest.mark.parametrize("count, columns, rows", [(1, 1, 1), (3, 3, 1), (4, 4, 1), (5, 4, 2), (7, 4, 2),
+                                                   (16, 4, 4), (17, 5, 4)])
+def test_storyboard_strip_and_grid_shapes(count, columns, rows):
+    board = storyboard.compose_storyboard([solid(COLOURS[i % 7]) for i in range(count)], [""] * count)
+    margin = (board.width - columns * 96) // (columns + 1)
+    assert board.width == columns * 96 + (columns + 1) * margin
+    assert board.height == rows * 64 + (rows + 1) * margin  # no captions: no caption band
+    assert storyboard.storyboard_columns(count) == columns
+
+
+@pytest.mark.parametrize("count", [3, 7])
+def test_storyboard_panels_in_reading_order(count):
+    board = storyboard.compose_storyboard([solid(c) for c in COLOURS[:count]], [f"frame {i}" for i in range(count)])
+    centres, _ = panel_centres(board, count, (96, 64))
+    assert [board.getpixel(c) for c in centres] == COLOURS[:count]
+    assert board.getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_storyboard_captions_are_drawn_under_their_panel():
+    frames = [solid(c) for c in COLOURS[:2]]
+    bare = storyboard.compose_storyboard(frames, ["", ""])
+    board = storyboard.compose_storyboard(frames, ["", "the fox wakes up in a snowy hollow and stretches"])
+    assert board.height > bare.height
+    centres, cell_h = panel_centres(board, 2, (96, 64))
+    (x0, y0), (x1, _) = centres
+
+    def ink(x):  # non-white pixels in the caption band under the panel centred at x
+        band = board.crop((x - 48, y0 + 32, x + 48, cell_h))
+        return sum(n for n, colour in band.getcolors(band.width * band.height) if colour != (255, 255, 255))
+
+    assert ink(x1) > 0 and ink(x0) == 0
+
+
+def test_storyboard_resizes_frames_to_the_first_size():
+    frames = [solid(COLOURS[0]), solid(COLOURS[1], (48, 128)), Image.new("RGBA", (200, 100), (*COLOURS[2], 255))]
+    board = storyboard.compose_storyboard(frames, ["a", "b", "c"])
+    centres, _ = panel_centres(board, 3, (96, 64))
+    assert [board.getpixel(c) for c in centres] == COLOURS[:3]
+    assert board.mode == "RGB"
+    with pytest.raises(ValueError):
+        storyboard.compose_storyboard(frames, ["a"])
+    with pytest.raises(ValueError):
+        storyboard.compose_storyboard([], [])
