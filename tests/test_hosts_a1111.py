@@ -170,3 +170,31 @@ def test_long_story_writes_then_reads_the_bank(host):
     assert modes == ["write", "read", "read"]
     p.close()
     assert generation.csa.bank.bytes_held == 0
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda mods, model, p: setattr(model, "is_sd1", False), "only SD1.x and SDXL"),
+    (lambda mods, model, p: setattr(mods["modules.sd_unet"], "current_unet", object()), "replaced UNet"),
+    (lambda mods, model, p: setattr(p, "refiner_checkpoint_info", object()), "refiner"),
+    (lambda mods, model, p: mods["modules.shared"].opts.data.update(hypertile_enable_unet=True), "Hypertile"),
+])
+def test_unsupported_setups_are_refused_before_anything_changes(monkeypatch, clip_tokenizer, setup, message):
+    mods = install_stub_modules(monkeypatch)
+    a1111 = importlib.import_module("lib_consistency.hosts.a1111")
+    model = ToyModel(clip_tokenizer, tiny_clip_text_model(16, seed=5))
+    p = ToyProcessing(model)
+    setup(mods, model, p)
+    a1111.before_process(p, args_for(preset="Combined"))
+    assert p.prompt == "watercolor" and p.batch_size == 1 and not p.extra_generation_params
+    with pytest.raises(RuntimeError, match=message):
+        p.sample(a1111.on_cfg_denoiser)
+    assert module_state(model.model.diffusion_model) == ([], 0)
+
+
+def test_hypertile_is_fine_without_shared_self_attention(monkeypatch, clip_tokenizer):
+    mods = install_stub_modules(monkeypatch)
+    a1111 = importlib.import_module("lib_consistency.hosts.a1111")
+    mods["modules.shared"].opts.data.update(hypertile_enable_unet=True)
+    p = ToyProcessing(ToyModel(clip_tokenizer, tiny_clip_text_model(16, seed=5)))
+    run(a1111, p, args_for())  # 1Prompt1Story touches cross-attention only
+    assert isinstance(p.prompt, list)

@@ -151,3 +151,13 @@ def test_infotext_restores_the_story_and_the_style():
     again["info"] = json.loads(again["info"])
     assert again["info"]["all_prompts"] == first["info"]["all_prompts"]  # style, not frame 1's prompt, restored
     assert [image_bytes(again, i) for i in range(3)] == [image_bytes(first, i) for i in range(3)]
+
+
+def test_img2img_story_from_one_init_image():
+    init = txt2img()["images"][0]
+    status, body = call("/sdapi/v1/img2img", {**BASE, "init_images": [init], "denoising_strength": 0.6,
+                                              "alwayson_scripts": {"consistent story": {"args": story_args()}}})
+    assert status == 200, body
+    info = json.loads(body["info"])
+    assert len(body["images"]) == 4 and len(info["all_prompts"]) == 3
+    assert "Story Enabled: True" in info["infotexts"][0]
