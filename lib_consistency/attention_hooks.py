@@ -132,9 +132,12 @@ class InstanceForwardHook:
     Subclasses implement ``__call__`` and call ``_inner_forward`` for the computation they leave to the host.
     """
 
-    def __init__(self, module: torch.nn.Module, layer: LayerAddress) -> None:
+    def __init__(self, module: torch.nn.Module, layer: LayerAddress, state: object,
+                 context_kwarg: str = "context") -> None:
         self.module = module
         self.layer = layer
+        self.state = state  # the generation's state object; the hook passes through once it is closed
+        self.context_kwarg = context_kwarg  # "context" (ldm/sgm) or "encoder_hidden_states" (diffusers)
         self.retired = False  # True once removed: a retired hook only ever passes through
         self._previous = None  # the instance forward that was there before us, if any
 
@@ -167,11 +170,7 @@ class InstanceForwardHook:
 class ConsistentSelfAttentionHook(InstanceForwardHook):
     """Instance-level ``forward`` of one self-attention module that applies CSA through ``state``."""
 
-    def __init__(self, module: torch.nn.Module, layer: LayerAddress, state: ConsistencyState,
-                 context_kwarg: str = "context") -> None:
-        super().__init__(module, layer)
-        self.state = state
-        self.context_kwarg = context_kwarg
+    state: ConsistencyState
 
     def __call__(self, hidden: torch.Tensor, *args, **kwargs):
         if self.retired or args or kwargs.get(self.context_kwarg) is not None or hidden.dim() != 3 or any(
@@ -203,13 +202,16 @@ def ldm_layer_address(module_name: str, kind: str = "attn1") -> LayerAddress | N
     return (block, int(index), int(transformer)) if middle is None else ("middle", 0, int(transformer))
 
 
-def install_hooks(layers: Iterable[tuple[LayerAddress, torch.nn.Module]], state: ConsistencyState,
-                  context_kwarg: str = "context") -> list[ConsistentSelfAttentionHook]:
-    """Hook every given attn1 module; on an error, the hooks installed so far are removed before re-raising."""
-    hooks: list[ConsistentSelfAttentionHook] = []
+def install_hooks(layers: Iterable[tuple[LayerAddress, torch.nn.Module]], state: object,
+                  context_kwarg: str = "context",
+                  hook_class: type[InstanceForwardHook] | None = None) -> list[InstanceForwardHook]:
+    """Hook every given module (CSA on attn1 by default); on an error, the hooks installed so far are removed
+    before re-raising."""
+    hook_class = hook_class or ConsistentSelfAttentionHook
+    hooks: list[InstanceForwardHook] = []
     try:
         for layer, module in layers:
-            hook = ConsistentSelfAttentionHook(module, layer, state, context_kwarg)
+            hook = hook_class(module, layer, state, context_kwarg)
             hook.install()
             hooks.append(hook)
     except Exception:

@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from .attention_hooks import InstanceForwardHook
+from .attention_hooks import InstanceForwardHook, install_hooks
 from .consistent_self_attention import LayerAddress, StepKey, layer_key, stable_seed
 from .identity_cross_attention import append_identity_tokens, attention_with_bias, identity_logit_bias
 from .row_layout import UNKNOWN_LAYOUT, Role, RowLayout
@@ -56,11 +56,7 @@ def biased_attention_forward(module: torch.nn.Module, hidden: torch.Tensor, cont
 class IdentityCrossAttentionHook(InstanceForwardHook):
     """Instance-level ``forward`` of one cross-attention module applying IPCA to the cond rows."""
 
-    def __init__(self, module: torch.nn.Module, layer: LayerAddress, state: IdentityAttentionState,
-                 context_kwarg: str = "context") -> None:
-        super().__init__(module, layer)
-        self.state = state
-        self.context_kwarg = context_kwarg
+    state: IdentityAttentionState
 
     def __call__(self, hidden: torch.Tensor, *args, **kwargs):
         state, context = self.state, kwargs.get(self.context_kwarg)
@@ -98,16 +94,6 @@ class IdentityCrossAttentionHook(InstanceForwardHook):
 
 
 def install_identity_hooks(layers: Iterable[tuple[LayerAddress, torch.nn.Module]], state: IdentityAttentionState,
-                           context_kwarg: str = "context") -> list[IdentityCrossAttentionHook]:
+                           context_kwarg: str = "context") -> list[InstanceForwardHook]:
     """Hook every given attn2 module; on an error the hooks installed so far are removed before re-raising."""
-    hooks: list[IdentityCrossAttentionHook] = []
-    try:
-        for layer, module in layers:
-            hook = IdentityCrossAttentionHook(module, layer, state, context_kwarg)
-            hook.install()
-            hooks.append(hook)
-    except Exception:
-        for hook in reversed(hooks):
-            hook.remove()
-        raise
-    return hooks
+    return install_hooks(layers, state, context_kwarg, IdentityCrossAttentionHook)
