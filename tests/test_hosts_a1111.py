@@ -17,7 +17,7 @@ STORY = "a small red fox with a white tail\nruns through snow # Morning\nsleeps 
 @pytest.fixture
 def host(monkeypatch, clip_tokenizer):
     install_stub_modules(monkeypatch)
-    a1111 = importlib.import_module("lib_consistency.hosts.a1111")
+    a1111 = importlib.import_module("lib_consistency.hosts.pipeline")
     model = ToyModel(clip_tokenizer, tiny_clip_text_model(16, seed=5))
     return a1111, model
 
@@ -180,7 +180,7 @@ def test_long_story_writes_then_reads_the_bank(host):
 ])
 def test_unsupported_setups_are_refused_before_anything_changes(monkeypatch, clip_tokenizer, setup, message):
     mods = install_stub_modules(monkeypatch)
-    a1111 = importlib.import_module("lib_consistency.hosts.a1111")
+    a1111 = importlib.import_module("lib_consistency.hosts.pipeline")
     model = ToyModel(clip_tokenizer, tiny_clip_text_model(16, seed=5))
     p = ToyProcessing(model)
     setup(mods, model, p)
@@ -193,7 +193,7 @@ def test_unsupported_setups_are_refused_before_anything_changes(monkeypatch, cli
 
 def test_hypertile_is_fine_without_shared_self_attention(monkeypatch, clip_tokenizer):
     mods = install_stub_modules(monkeypatch)
-    a1111 = importlib.import_module("lib_consistency.hosts.a1111")
+    a1111 = importlib.import_module("lib_consistency.hosts.pipeline")
     mods["modules.shared"].opts.data.update(hypertile_enable_unet=True)
     p = ToyProcessing(ToyModel(clip_tokenizer, tiny_clip_text_model(16, seed=5)))
     run(a1111, p, args_for())  # 1Prompt1Story touches cross-attention only

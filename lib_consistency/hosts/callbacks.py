@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from modules import shared
 
-from . import a1111
+from . import pipeline
 
 
 def on_cfg_denoiser(params) -> None:
-    a1111.on_cfg_denoiser(params)
+    pipeline.on_cfg_denoiser(params)
 
 
 def on_before_ui() -> None:
@@ -25,4 +25,4 @@ def on_script_unloaded() -> None:
     model = getattr(shared, "sd_model", None)
     unet = getattr(getattr(model, "model", None), "diffusion_model", None)
     if unet is not None:
-        a1111.sweep_stale(unet)
+        pipeline.sweep_stale(unet)

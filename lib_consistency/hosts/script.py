@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from modules import scripts
 
-from . import a1111
+from . import pipeline
 from .ui import build_ui
 
 TITLE = "Consistent Story"
@@ -25,10 +25,13 @@ class ConsistentStoryScript(scripts.Script):
         return build_ui(self, is_img2img)
 
     def before_process(self, p, *args):
-        a1111.before_process(p, args)
+        pipeline.before_process(p, args)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        pipeline.process_before_every_sampling(p)
 
     def process(self, p, *args):
-        a1111.process(p)
+        pipeline.process(p)
 
     def postprocess(self, p, processed, *args):
-        a1111.postprocess(p, processed)
+        pipeline.postprocess(p, processed)

@@ -1,4 +1,8 @@
-"""AUTOMATIC1111 1.10 adapter: one story generation through the host's script hooks (hosts.md §1-5, §15.4).
+"""One story generation through the WebUI's script hooks (hosts.md §1-6, §15.4), for A1111 1.10 and Forge.
+
+The two hosts differ only in how attention is reached: on A1111 instance-level hooks on the UNet's attention modules
+(installed around ``p.sample``, removed in ``finally``); on Forge replace patches on a cloned UNet patcher
+(``hosts/forge.py``, registered from ``process_before_every_sampling``).
 
 Flow for one job (``p`` = the processing object; every per-generation fact lives in a ``StoryGeneration`` stored
 on ``p``, never on the Script, which the txt2img tab, the img2img tab and the API share):
@@ -28,6 +32,7 @@ from ..reference_bank import ReferenceBank
 from ..row_layout import UNKNOWN_LAYOUT, A1111RowCursor, a1111_step_plan
 from ..settings import Settings
 from ..story_run import FrameConditioning, StoryRunPlan, plan_consolidation, plan_story_run
+from .forge import is_forge, patch_unet
 from .ui import STYLE_INFOTEXT_KEY
 from .xyz import OVERRIDES_ATTR
 
@@ -95,7 +100,7 @@ def refusal(p, settings: Settings) -> str | None:
     model = p.sd_model
     if not (getattr(model, "is_sdxl", False) or getattr(model, "is_sd1", False)):
         return "only SD1.x and SDXL checkpoints are supported"
-    if sd_unet.current_unet is not None:
+    if getattr(sd_unet, "current_unet", None) is not None:
         return "a replaced UNet (SD UNet setting, e.g. TensorRT) bypasses the attention hooks"
     if getattr(p, "refiner_checkpoint_info", None) is not None:
         return "a refiner switches models mid-sampling; turn the refiner off"
@@ -111,8 +116,8 @@ def refusal(p, settings: Settings) -> str | None:
 
 
 def before_process(p, args: Sequence[Any]) -> None:
-    unet = _unet(p)
-    sweep_stale(unet)
+    if not is_forge(p):
+        sweep_stale(_unet(p))
     if getattr(p, "_ad_inner", False) or getattr(p, "txt2img_upscale", False) or hasattr(p, RUN_ATTRIBUTE):
         return  # nested or repeated run: the outer job owns the story
     try:
@@ -182,10 +187,14 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
 
 
 def _tokenizer(model):
-    embedder = model.conditioner.embedders[0] if getattr(model, "is_sdxl", False) else model.cond_stage_model
+    """The host's prompt tokenizer (emphasis, embeddings) as ``text -> token positions`` (CLIP-L on SDXL)."""
+    if hasattr(model, "forge_objects"):
+        engine = getattr(model, "text_processing_engine_l", None) or model.text_processing_engine
+    else:
+        engine = model.conditioner.embedders[0] if getattr(model, "is_sdxl", False) else model.cond_stage_model
 
     def tokenize(text: str) -> range:
-        return range(embedder.tokenize_line(text)[1])
+        return range(engine.tokenize_line(text)[1])
     return tokenize
 
 
@@ -206,7 +215,7 @@ def install(p, generation: StoryGeneration) -> None:
     """Build this batch's conditioning and install the hooks (called at the start of every ``p.sample``)."""
     settings, plan = generation.settings, generation.plan
     frames = list(plan.batch_frames(p.iteration))
-    unet = _unet(p)
+    forge = is_forge(p)
     if settings.consolidate:
         if generation.conditioning is None:
             style_text, _ = extra_networks.parse_prompt(plan.style)  # <lora:...> tags are not prompt text
@@ -219,8 +228,9 @@ def install(p, generation: StoryGeneration) -> None:
     if settings.ipca and settings.consolidate:
         generation.ipca = IdentityAttentionState(generation.conditioning.identity_positions(),
                                                  settings.ipca_dropout, plan.seeds[0])
-        attn2 = [(a, m) for n, m in unet.named_modules() if (a := ldm_layer_address(n, "attn2"))]
-        generation.hooks += install_identity_hooks(attn2, generation.ipca)
+        if not forge:
+            attn2 = [(a, m) for n, m in _unet(p).named_modules() if (a := ldm_layer_address(n, "attn2"))]
+            generation.hooks += install_identity_hooks(attn2, generation.ipca)
     if settings.csa:
         if generation.csa is None:
             generation.csa = ConsistencyState(CsaSettings(settings.csa_rate, settings.csa_schedule,
@@ -229,10 +239,22 @@ def install(p, generation: StoryGeneration) -> None:
                                               bank=ReferenceBank(offload_to_cpu=settings.bank_on_cpu))
         if plan.reference_frames:
             generation.csa.bank_mode = BankMode.WRITE if p.iteration == 0 else BankMode.READ
-        attn1 = [(a, m) for n, m in unet.named_modules() if (a := ldm_layer_address(n, "attn1"))]
-        generation.hooks += install_hooks(attn1, generation.csa)
-    generation.unet_hook_handle = unet.register_forward_pre_hook(_row_cursor_hook(generation), with_kwargs=True)
+        if not forge:
+            attn1 = [(a, m) for n, m in _unet(p).named_modules() if (a := ldm_layer_address(n, "attn1"))]
+            generation.hooks += install_hooks(attn1, generation.csa)
+    if not forge:  # Forge reads the rows from cond_or_uncond in its patches
+        generation.unet_hook_handle = _unet(p).register_forward_pre_hook(_row_cursor_hook(generation),
+                                                                         with_kwargs=True)
     generation.sampling = True
+
+
+def process_before_every_sampling(p) -> None:
+    """Forge only: register the patches on a fresh clone of the UNet patcher (called again with hires fix)."""
+    generation = getattr(p, RUN_ATTRIBUTE, None)
+    if generation is None or not generation.sampling or not is_forge(p):
+        return
+    from backend.attention import attention_function
+    patch_unet(p, generation, attention_function)
 
 
 def uninstall(p, generation: StoryGeneration) -> None:

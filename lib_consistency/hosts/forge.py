@@ -1,0 +1,115 @@
+"""Forge adapter: the same story generation through Forge's UNet patcher (hosts.md §6), no module hooks.
+
+Host contract: Forge resets ``p.sd_model.forge_objects`` at the start of every ``sample()`` and then calls
+``process_before_every_sampling`` (twice more with hires fix, once per reset): each call clones the *current* UNet
+patcher, registers our patches and assigns the clone back, so repeated calls never stack and nothing needs removing.
+Row roles come from ``extra_options['cond_or_uncond']`` (one entry per chunk of B rows, B = len(sigmas)).
+
+Both methods use replace patches, which receive the projected q/k/v of the call's own rows:
+- consistent self-attention (attn1): the peer tokens' keys/values are gathered from the projected k/v (projection is
+  per token, so gather-then-project equals project-then-gather); the shared core runs on ``[k | v]`` token rows,
+  so its sampling, character groups, schedule and bank work unchanged (the bank holds projected tokens here);
+- IPCA (attn2): cond rows get their SOT + identity keys/values appended (``append_identity_tokens``), or the seeded
+  dropout bias as an attention mask.
+Attention itself is Forge's ``backend.attention.attention_function`` (the kernel chosen at start-up).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..consistent_self_attention import layer_key, stable_seed
+from ..identity_cross_attention import append_identity_tokens, identity_logit_bias
+from ..row_layout import Role, RowLayout, forge_row_layout
+
+Attention = Callable[..., torch.Tensor]  # attention_function(q, k, v, heads, mask=None) on [R, T, heads·d]
+
+
+def is_forge(p) -> bool:
+    """Capability check on the object in hand (hosts.md §6.5), not a version string."""
+    return hasattr(p.sd_model, "forge_objects")
+
+
+def _layout(extra_options: dict, rows: int, frame_offset: int) -> RowLayout:
+    return forge_row_layout(extra_options.get("cond_or_uncond", ()), len(extra_options.get("sigmas", ())), rows,
+                            frame_offset)
+
+
+def _layer(extra_options: dict) -> tuple[str, int, int] | None:
+    block = extra_options.get("block")
+    return None if block is None else (block[0], int(block[1]), int(extra_options.get("block_index", 0)))
+
+
+def _in_groups(attention: Attention, heads: int, q, k, v, groups: list) -> torch.Tensor:
+    """Attention per row group: ``groups`` holds (rows, k_rows, v_rows, mask); rows in no group attend plainly."""
+    covered = [r for rows, *_ in groups for r in rows]
+    rest = [r for r in range(q.shape[0]) if r not in set(covered)]
+    if rest:
+        groups = groups + [(rest, k[rest], v[rest], None)]
+    if len(groups) == 1 and list(groups[0][0]) == list(range(q.shape[0])):
+        rows, k_rows, v_rows, mask = groups[0]
+        return attention(q, k_rows, v_rows, heads, mask=mask)
+    out = None
+    for rows, k_rows, v_rows, mask in groups:
+        index = torch.tensor(list(rows), device=q.device)
+        result = attention(q.index_select(0, index), k_rows, v_rows, heads, mask=mask)
+        if out is None:
+            out = result.new_empty((q.shape[0],) + tuple(result.shape[1:]))
+        out.index_copy_(0, index, result)
+    return out
+
+
+def csa_replace(state, frame_offset: int, attention: Attention):
+    """attn1 replace patch ``(q, k, v, extra_options) -> out`` applying consistent self-attention via ``state``."""
+    def patch(q, k, v, extra_options):
+        heads, layer = extra_options["n_heads"], _layer(extra_options)
+        layout = _layout(extra_options, q.shape[0], frame_offset)
+        shape = extra_options.get("original_shape")
+        state.begin_unet_call(layout, tuple(shape[-2:]) if shape is not None else None)
+        groups = None if layer is None else state.contexts_for(layer, torch.cat([k, v], dim=-1))
+        if not groups:
+            return attention(q, k, v, heads)
+        width = k.shape[-1]
+        return _in_groups(attention, heads, q, k, v, [(g.rows, g.context[..., :width], g.context[..., width:], None)
+                                                      for g in groups])
+    return patch
+
+
+def ipca_replace(state, frame_offset: int, attention: Attention):
+    """attn2 replace patch applying IPCA to the cond rows of the call (``IdentityAttentionState``)."""
+    def patch(q, k, v, extra_options):
+        heads, layer = extra_options["n_heads"], _layer(extra_options)
+        layout = _layout(extra_options, q.shape[0], frame_offset)
+        ids = state.identity_positions
+        if state.closed or not layout.known or k.shape[1] <= max(ids):
+            return attention(q, k, v, heads)
+        cond = [r for r, role in enumerate(layout.roles) if role is Role.COND]
+        if not cond:
+            return attention(q, k, v, heads)
+        if state.dropout == 0:
+            group = (cond, append_identity_tokens(k[cond], ids), append_identity_tokens(v[cond], ids), None)
+        else:
+            generator = torch.Generator().manual_seed(
+                stable_seed(state.run_seed, state.step, layer_key(layer or ("?", 0, 0)), "ipca"))
+            bias = torch.stack([identity_logit_bias(k.shape[1], ids, n_queries=q.shape[1], dropout=state.dropout,
+                                                    generator=generator, dtype=q.dtype, device=q.device)
+                                for _ in cond]).unsqueeze(1)
+            group = (cond, k[cond], v[cond], bias)
+        return _in_groups(attention, heads, q, k, v, [group])
+    return patch
+
+
+def patch_unet(p, generation, attention: Attention) -> None:
+    """Clone the current UNet patcher, register the story's patches, assign it back (idempotent per call)."""
+    unet = p.sd_model.forge_objects.unet.clone()
+    frame_offset = p.iteration * generation.plan.batch_size
+    if generation.csa is not None:
+        unet.set_model_replace_all(csa_replace(generation.csa, frame_offset, attention), "attn1")
+        rate, frames = generation.settings.csa_rate, generation.plan.batch_size
+        base = unet.model_options.get("memory_peak_estimation_modifier", unet.memory_required)
+        # Shared attention holds up to 1 + r·(B−1) times the keys/values of plain attention (README: Benchmark).
+        unet.set_memory_peak_estimation_modifier(lambda shape: base(shape) * (1 + rate * (frames - 1)))
+    if generation.ipca is not None:
+        unet.set_model_replace_all(ipca_replace(generation.ipca, frame_offset, attention), "attn2")
+    p.sd_model.forge_objects.unet = unet

@@ -1,0 +1,153 @@
+"""Forge adapter against a stand-in UNet patcher: registrations, idempotency, rows from cond_or_uncond, and the
+replace patches giving exactly what the A1111 module hooks give on the same attention module."""
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+
+from lib_consistency.attention_hooks import ConsistencyState, install_hooks, remove_stale_hooks
+from lib_consistency.consistent_self_attention import CsaSettings
+from lib_consistency.hosts.forge import csa_replace, ipca_replace, is_forge, patch_unet
+from lib_consistency.identity_attention_hook import IdentityAttentionState, install_identity_hooks
+from lib_consistency.consistent_self_attention import StepKey
+from lib_consistency.row_layout import Role, RowLayout
+from tests.fake_webui import ToyAttention
+
+LAYER = ("output", 3, 0)
+
+
+def attention_function(q, k, v, heads, mask=None):
+    """Forge's attention_pytorch: [R, T, heads·d] in and out."""
+    rows, _, width = q.shape
+
+    def split(t):
+        return t.view(rows, -1, heads, width // heads).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+    return out.transpose(1, 2).reshape(rows, -1, width)
+
+
+class FakeUnetPatcher:
+    """Records what ``backend.patcher.unet.UnetPatcher`` would store; ``clone`` deep-copies the options."""
+
+    def __init__(self):
+        self.model_options = {"transformer_options": {}}
+
+    def clone(self):
+        twin = FakeUnetPatcher()
+        twin.model_options = copy.deepcopy(self.model_options)
+        return twin
+
+    def memory_required(self, shape):
+        return 1000
+
+    def set_model_replace_all(self, patch, target="attn1"):
+        replace = self.model_options["transformer_options"].setdefault("patches_replace", {}).setdefault(target, {})
+        for block in ("input", "middle", "output"):
+            for number in range(16):
+                for index in range(16):
+                    replace[(block, number, index)] = patch
+
+    def set_memory_peak_estimation_modifier(self, modifier):
+        self.model_options["memory_peak_estimation_modifier"] = modifier
+
+
+def generation(csa=True, ipca=True, batch_size=3):
+    settings = types.SimpleNamespace(csa_rate=0.5)
+    plan = types.SimpleNamespace(batch_size=batch_size)
+    return types.SimpleNamespace(
+        settings=settings, plan=plan,
+        csa=ConsistencyState(CsaSettings(0.5, "always", "all"), 1, {0: {"a"}, 1: {"a"}, 2: set()}) if csa else None,
+        ipca=IdentityAttentionState((0, 1, 2), 0.0, 1, step=StepKey(0, 1, 3.0)) if ipca else None)
+
+
+def forge_p(unet):
+    return types.SimpleNamespace(sd_model=types.SimpleNamespace(forge_objects=types.SimpleNamespace(unet=unet)),
+                                 iteration=0)
+
+
+def test_patches_are_registered_on_a_clone_and_repeat_idempotently():
+    original = FakeUnetPatcher()
+    p = forge_p(original)
+    assert is_forge(p)
+    gen = generation()
+    registrations = []
+    for _ in range(3):  # txt2img with hires: three calls, the host resetting the patcher before each
+        p.sd_model.forge_objects.unet = original
+        patch_unet(p, gen, attention_function)
+        patched = p.sd_model.forge_objects.unet
+        assert patched is not original and original.model_options == {"transformer_options": {}}
+        replace = patched.model_options["transformer_options"]["patches_replace"]
+        registrations.append({target: len(patches) for target, patches in replace.items()})
+        assert patched.model_options["memory_peak_estimation_modifier"]([2, 4, 8, 8]) == 1000 * (1 + 0.5 * 2)
+    assert registrations == [{"attn1": 768, "attn2": 768}] * 3
+    only_ipca = forge_p(FakeUnetPatcher())
+    patch_unet(only_ipca, generation(csa=False), attention_function)
+    assert set(only_ipca.sd_model.forge_objects.unet.model_options["transformer_options"]["patches_replace"]) == {
+        "attn2"}
+
+
+def extra_options(cond_or_uncond, batch, heads=2, shape=(6, 4, 4, 4)):
+    return {"cond_or_uncond": cond_or_uncond, "sigmas": torch.ones(batch), "n_heads": heads, "block": LAYER[:2],
+            "block_index": LAYER[2], "original_shape": list(shape)}
+
+
+@pytest.mark.parametrize("cond_or_uncond", [[1, 0], [0, 1], [0]])
+def test_csa_replace_equals_the_module_hook(cond_or_uncond):
+    torch.manual_seed(0)
+    module = ToyAttention(8, 8)
+    rows = 3 * len(cond_or_uncond)
+    x = torch.randn(rows, 16, 8)
+    roles = [Role.COND if c == 0 else Role.UNCOND for c in cond_or_uncond for _ in range(3)]
+    layout = RowLayout(tuple(r % 3 for r in range(rows)), tuple(roles))
+    groups = {0: {"a"}, 1: {"a"}, 2: set()}
+
+    state = ConsistencyState(CsaSettings(0.5, "always", "all"), 1, groups)
+    state.begin_step(0, 1, 10, 3.0)
+    with torch.no_grad():
+        patch = csa_replace(state, 0, attention_function)
+        forge_out = module.to_out(patch(module.to_q(x), module.to_k(x), module.to_v(x),
+                                        extra_options(cond_or_uncond, 3)))
+        hook_state = ConsistencyState(CsaSettings(0.5, "always", "all"), 1, groups)
+        hook_state.begin_step(0, 1, 10, 3.0)
+        hook_state.begin_unet_call(layout, (4, 4))
+        install_hooks([(LAYER, module)], hook_state)
+        hook_out = module(x)
+        remove_stale_hooks(module)
+        plain = module(x)
+    torch.testing.assert_close(forge_out, hook_out, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(forge_out[:2], plain[:2], atol=1e-4)       # frames 0 and 1 share
+    torch.testing.assert_close(forge_out[2], plain[2], rtol=1e-5, atol=1e-5)  # the [NC] frame does not
+
+
+def test_unknown_layout_passes_through():
+    torch.manual_seed(1)
+    module = ToyAttention(8, 8)
+    x = torch.randn(5, 16, 8)  # 5 rows do not fit chunks of 3
+    state = ConsistencyState(CsaSettings(1.0, "always", "all"), 1, {0: {"a"}, 1: {"a"}, 2: {"a"}})
+    state.begin_step(0, 1, 10, 3.0)
+    q, k, v = module.to_q(x), module.to_k(x), module.to_v(x)
+    out = csa_replace(state, 0, attention_function)(q, k, v, extra_options([1, 0], 3))
+    assert torch.equal(out, attention_function(q, k, v, 2))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_ipca_replace_equals_the_module_hook(dropout):
+    torch.manual_seed(2)
+    module = ToyAttention(8, 12)
+    x, context = torch.randn(6, 16, 8), torch.randn(6, 77, 12)
+    state = IdentityAttentionState((0, 1, 2, 3), dropout, 9, step=StepKey(0, 2, 4.0),
+                                   layout=RowLayout((0, 1, 2, 0, 1, 2), (Role.UNCOND,) * 3 + (Role.COND,) * 3))
+    with torch.no_grad():
+        patch = ipca_replace(state, 0, attention_function)
+        forge_out = module.to_out(patch(module.to_q(x), module.to_k(context), module.to_v(context),
+                                        extra_options([1, 0], 3)))
+        plain = module(x, context=context)
+        install_identity_hooks([(LAYER, module)], state)
+        hook_out = module(x, context=context)
+    torch.testing.assert_close(forge_out, hook_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(forge_out[:3], plain[:3], rtol=1e-5, atol=1e-5)  # uncond rows (chunk 1 first)
+    assert not torch.allclose(forge_out[3:], plain[3:], atol=1e-4)
