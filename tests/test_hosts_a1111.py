@@ -120,7 +120,6 @@ def test_stale_hooks_are_swept_by_the_next_run(host):
 @pytest.mark.parametrize("values, message", [
     (dict(story="hero\n[Bob] runs"), "story line 2: unknown character tag"),
     (dict(csa_rate=3), "'csa_rate': 3.0 is out of range"),
-    (dict(preset="StorySync"), "masked sharing (StorySync) is not available yet"),
 ])
 def test_bad_input_fails_the_generation_with_a_message(host, values, message):
     a1111, model = host
@@ -178,17 +177,17 @@ def test_long_story_writes_then_reads_the_bank(host):
     (lambda mods, model, p: setattr(p, "refiner_checkpoint_info", object()), "refiner"),
     (lambda mods, model, p: mods["modules.shared"].opts.data.update(hypertile_enable_unet=True), "Hypertile"),
 ])
-def test_unsupported_setups_are_refused_before_anything_changes(monkeypatch, clip_tokenizer, setup, message):
+def test_unsupported_setups_are_refused_before_sampling(monkeypatch, clip_tokenizer, setup, message):
     mods = install_stub_modules(monkeypatch)
     a1111 = importlib.import_module("lib_consistency.hosts.pipeline")
     model = ToyModel(clip_tokenizer, tiny_clip_text_model(16, seed=5))
     p = ToyProcessing(model)
     setup(mods, model, p)
     a1111.before_process(p, args_for(preset="Combined"))
-    assert p.prompt == "watercolor" and p.batch_size == 1 and not p.extra_generation_params
     with pytest.raises(RuntimeError, match=message):
         p.sample(a1111.on_cfg_denoiser)
-    assert module_state(model.model.diffusion_model) == ([], 0)
+    assert module_state(model.model.diffusion_model) == ([], 0)  # refused before any hook or image
+    assert not p.seen_conds
 
 
 def test_hypertile_is_fine_without_shared_self_attention(monkeypatch, clip_tokenizer):
@@ -198,3 +197,26 @@ def test_hypertile_is_fine_without_shared_self_attention(monkeypatch, clip_token
     p = ToyProcessing(ToyModel(clip_tokenizer, tiny_clip_text_model(16, seed=5)))
     run(a1111, p, args_for())  # 1Prompt1Story touches cross-attention only
     assert isinstance(p.prompt, list)
+
+
+def test_storysync_is_refused_until_available(host):
+    a1111, model = host
+    p = ToyProcessing(model)
+    a1111.before_process(p, args_for(preset="StorySync"))
+    with pytest.raises(RuntimeError, match=r"masked sharing \(StorySync\) is not available yet"):
+        p.sample(a1111.on_cfg_denoiser)
+    assert not p.seen_conds
+
+
+def test_forge_model_that_is_not_a_unet_is_refused(host):
+    """Forge with Flux/SD3 (neither is_sd1 nor is_sdxl): refused with a message, the patcher left alone."""
+    a1111, model = host
+    patcher = object()
+    model.forge_objects = type("ForgeObjects", (), {"unet": patcher})()
+    model.is_sd1 = False
+    p = ToyProcessing(model)
+    a1111.before_process(p, args_for(preset="Combined"))
+    with pytest.raises(RuntimeError, match="only SD1.x and SDXL checkpoints"):
+        p.sample(a1111.on_cfg_denoiser)
+    a1111.process_before_every_sampling(p)
+    assert model.forge_objects.unet is patcher

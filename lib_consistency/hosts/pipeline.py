@@ -96,7 +96,7 @@ def settings_for(p, args: Sequence[Any]) -> Settings:
 
 
 def refusal(p, settings: Settings) -> str | None:
-    """Why this job cannot run with the story methods, or None (hosts.md §13, §15.4)."""
+    """Why this job cannot run with the story methods, or None (hosts.md §13, §15.4); needs the loaded model."""
     model = p.sd_model
     if not (getattr(model, "is_sdxl", False) or getattr(model, "is_sd1", False)):
         return "only SD1.x and SDXL checkpoints are supported"
@@ -104,7 +104,7 @@ def refusal(p, settings: Settings) -> str | None:
         return "a replaced UNet (SD UNet setting, e.g. TensorRT) bypasses the attention hooks"
     if getattr(p, "refiner_checkpoint_info", None) is not None:
         return "a refiner switches models mid-sampling; turn the refiner off"
-    prompts = [p.prompt] if isinstance(p.prompt, str) else list(p.prompt)
+    prompts = [p.prompt] if isinstance(p.prompt, str) else list(p.prompt)  # the frames' prompts by now
     if any(_AND.search(text) for text in prompts + [settings.story]):
         return "'AND' prompts (composable diffusion) are not supported"
     if settings.csa and (shared.opts.data.get("hypertile_enable_unet") or
@@ -116,17 +116,15 @@ def refusal(p, settings: Settings) -> str | None:
 
 
 def before_process(p, args: Sequence[Any]) -> None:
-    if not is_forge(p):
-        sweep_stale(_unet(p))
+    unet = getattr(getattr(p.sd_model, "model", None), "diffusion_model", None)
+    if unet is not None:  # A1111 (Forge's UNet lives in its patcher; before the first load there is none)
+        sweep_stale(unet)
     if getattr(p, "_ad_inner", False) or getattr(p, "txt2img_upscale", False) or hasattr(p, RUN_ATTRIBUTE):
         return  # nested or repeated run: the outer job owns the story
     try:
         settings = settings_for(p, args)
         if not settings.enabled:
             return
-        reason = refusal(p, settings)
-        if reason:
-            raise RuntimeError(f"Consistent Story: {reason}")
         style = p.prompt if isinstance(p.prompt, str) else p.prompt[0]
         plan = plan_story_run(settings, style, processing.get_fixed_seed(
             p.seed[0] if isinstance(p.seed, list) else p.seed))
@@ -167,10 +165,13 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
     original_sample, original_close = p.sample, p.close
 
     def sample(*args, **kwargs):
+        if generation.error is None and (reason := refusal(p, generation.settings)):
+            # Checked here, not in before_process: Forge loads the checkpoint only after before_process.
+            generation.error = RuntimeError(f"Consistent Story: {reason}")
         if generation.error is not None:
             raise generation.error
-        install(p, generation)
         try:
+            install(p, generation)  # inside the try: a half-done install is undone too
             return original_sample(*args, **kwargs)
         finally:
             uninstall(p, generation)
