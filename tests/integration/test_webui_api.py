@@ -103,8 +103,10 @@ def test_twelve_frames_in_batches_of_four():
 
 
 def test_hires_fix_keeps_the_story():
+    # hr_additional_modules: Forge's API fails hires requests without it (a plain request too); A1111 ignores it.
     body = txt2img(story_args(preset="Combined", csa_layers="all", storyboard=False), enable_hr=True, hr_scale=2,
-                   hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.6)
+                   hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.6,
+                   hr_additional_modules=["Use same choices"])
     assert len(body["images"]) == 3
     png = image_bytes(body)
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
@@ -145,6 +147,9 @@ def test_xyz_plot_over_a_story_axis():
 
 def test_infotext_restores_the_story_and_the_style():
     """The API's ``infotext`` field goes through the same paste mapping as the UI's paste button."""
+    plain = txt2img()
+    if call("/sdapi/v1/txt2img", {"infotext": plain["info"]["infotexts"][0]})[0] != 200:
+        pytest.skip("this WebUI's API cannot replay even a plain infotext (Forge: a pydantic type error)")
     first = txt2img(story_args(storyboard=False))
     status, again = call("/sdapi/v1/txt2img", {"infotext": first["info"]["infotexts"][1]})
     assert status == 200, again
