@@ -10,7 +10,8 @@ import torch
 
 from lib_consistency.attention_hooks import ConsistencyState, install_hooks, remove_stale_hooks
 from lib_consistency.consistent_self_attention import CsaSettings
-from lib_consistency.hosts.forge import csa_replace, ipca_replace, is_forge, patch_unet
+from lib_consistency.hosts.forge import (TRANSFORMER_OPTION, ForgeRunState, csa_replace, ipca_replace, is_forge,
+                                         patch_unet)
 from lib_consistency.identity_attention_hook import IdentityAttentionState, install_identity_hooks
 from lib_consistency.consistent_self_attention import StepKey
 from lib_consistency.row_layout import Role, RowLayout
@@ -51,6 +52,9 @@ class FakeUnetPatcher:
                 for index in range(16):
                     replace[(block, number, index)] = patch
 
+    def set_transformer_option(self, key, value):
+        self.model_options["transformer_options"][key] = value
+
     def set_memory_peak_estimation_modifier(self, modifier):
         self.model_options["memory_peak_estimation_modifier"] = modifier
 
@@ -83,6 +87,10 @@ def test_patches_are_registered_on_a_clone_and_repeat_idempotently():
         replace = patched.model_options["transformer_options"]["patches_replace"]
         registrations.append({target: len(patches) for target, patches in replace.items()})
         assert patched.model_options["memory_peak_estimation_modifier"]([2, 4, 8, 8]) == 1000 * (1 + 0.5 * 2)
+        run = patched.model_options["transformer_options"][TRANSFORMER_OPTION]
+        assert run.csa is gen.csa and run.ipca is gen.ipca and run.frame_offset == 0
+        # another extension cloning after us (a deep copy of model_options) still shares the live state
+        assert patched.clone().model_options["transformer_options"][TRANSFORMER_OPTION] is run
     assert registrations == [{"attn1": 768, "attn2": 768}] * 3
     only_ipca = forge_p(FakeUnetPatcher())
     patch_unet(only_ipca, generation(csa=False), attention_function)
@@ -90,8 +98,8 @@ def test_patches_are_registered_on_a_clone_and_repeat_idempotently():
         "attn2"}
 
 
-def extra_options(cond_or_uncond, batch, heads=2, shape=(6, 4, 4, 4)):
-    return {"cond_or_uncond": cond_or_uncond, "sigmas": torch.ones(batch), "n_heads": heads, "block": LAYER[:2],
+def extra_options(cond_or_uncond, batch, heads=2, shape=(6, 4, 4, 4), csa=None, ipca=None):
+    return {TRANSFORMER_OPTION: ForgeRunState(csa, ipca, 0), "cond_or_uncond": cond_or_uncond, "sigmas": torch.ones(batch), "n_heads": heads, "block": LAYER[:2],
             "block_index": LAYER[2], "original_shape": list(shape)}
 
 
@@ -108,9 +116,9 @@ def test_csa_replace_equals_the_module_hook(cond_or_uncond):
     state = ConsistencyState(CsaSettings(0.5, "always", "all"), 1, groups)
     state.begin_step(0, 1, 10, 3.0)
     with torch.no_grad():
-        patch = csa_replace(state, 0, attention_function)
+        patch = csa_replace(attention_function)
         forge_out = module.to_out(patch(module.to_q(x), module.to_k(x), module.to_v(x),
-                                        extra_options(cond_or_uncond, 3)))
+                                        extra_options(cond_or_uncond, 3, csa=state)))
         hook_state = ConsistencyState(CsaSettings(0.5, "always", "all"), 1, groups)
         hook_state.begin_step(0, 1, 10, 3.0)
         hook_state.begin_unet_call(layout, (4, 4))
@@ -130,7 +138,11 @@ def test_unknown_layout_passes_through():
     state = ConsistencyState(CsaSettings(1.0, "always", "all"), 1, {0: {"a"}, 1: {"a"}, 2: {"a"}})
     state.begin_step(0, 1, 10, 3.0)
     q, k, v = module.to_q(x), module.to_k(x), module.to_v(x)
-    out = csa_replace(state, 0, attention_function)(q, k, v, extra_options([1, 0], 3))
+    out = csa_replace(attention_function)(q, k, v, extra_options([1, 0], 3, csa=state))
+    assert torch.equal(out, attention_function(q, k, v, 2))
+    x = x[:3]  # a layout that fits, but no run state in the options (another patcher's clone): plain
+    q, k, v = module.to_q(x), module.to_k(x), module.to_v(x)
+    out = csa_replace(attention_function)(q, k, v, {**extra_options([0], 3), TRANSFORMER_OPTION: None})
     assert torch.equal(out, attention_function(q, k, v, 2))
 
 
@@ -142,9 +154,9 @@ def test_ipca_replace_equals_the_module_hook(dropout):
     state = IdentityAttentionState((0, 1, 2, 3), dropout, 9, step=StepKey(0, 2, 4.0),
                                    layout=RowLayout((0, 1, 2, 0, 1, 2), (Role.UNCOND,) * 3 + (Role.COND,) * 3))
     with torch.no_grad():
-        patch = ipca_replace(state, 0, attention_function)
+        patch = ipca_replace(attention_function)
         forge_out = module.to_out(patch(module.to_q(x), module.to_k(context), module.to_v(context),
-                                        extra_options([1, 0], 3)))
+                                        extra_options([1, 0], 3, ipca=state)))
         plain = module(x, context=context)
         install_identity_hooks([(LAYER, module)], state)
         hook_out = module(x, context=context)

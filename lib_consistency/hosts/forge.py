@@ -11,11 +11,14 @@ Both methods use replace patches, which receive the projected q/k/v of the call'
   so its sampling, character groups, schedule and bank work unchanged (the bank holds projected tokens here);
 - IPCA (attn2): cond rows get their SOT + identity keys/values appended (``append_identity_tokens``), or the seeded
   dropout bias as an attention mask.
-Attention itself is Forge's ``backend.attention.attention_function`` (the kernel chosen at start-up).
+Attention itself is Forge's ``backend.attention.attention_function`` (the kernel chosen at start-up). The run state
+travels in ``transformer_options[TRANSFORMER_OPTION]`` (``ForgeRunState``), which the patches read from
+``extra_options``; without it (another patcher's clone, a stale patch) they attend plainly.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -24,6 +27,18 @@ from ..identity_cross_attention import append_identity_tokens, identity_logit_bi
 from ..row_layout import Role, RowLayout, forge_row_layout
 
 Attention = Callable[..., torch.Tensor]  # attention_function(q, k, v, heads, mask=None) on [R, T, heads·d]
+TRANSFORMER_OPTION = "consistent_story"
+
+
+@dataclass(frozen=True)
+class ForgeRunState:
+    """What the patches of one sampling call need: the CSA and IPCA states and this batch's first frame."""
+    csa: Any
+    ipca: Any
+    frame_offset: int
+
+    def __deepcopy__(self, memo: dict) -> "ForgeRunState":
+        return self  # a handle: every clone() deep-copies model_options, and all clones must share the live state
 
 
 def is_forge(p) -> bool:
@@ -60,11 +75,15 @@ def _in_groups(attention: Attention, heads: int, q, k, v, groups: list) -> torch
     return out
 
 
-def csa_replace(state, frame_offset: int, attention: Attention):
-    """attn1 replace patch ``(q, k, v, extra_options) -> out`` applying consistent self-attention via ``state``."""
+def csa_replace(attention: Attention):
+    """attn1 replace patch ``(q, k, v, extra_options) -> out`` applying consistent self-attention."""
     def patch(q, k, v, extra_options):
+        run = extra_options.get(TRANSFORMER_OPTION)
         heads, layer = extra_options["n_heads"], _layer(extra_options)
-        layout = _layout(extra_options, q.shape[0], frame_offset)
+        if run is None or run.csa is None:
+            return attention(q, k, v, heads)
+        state = run.csa
+        layout = _layout(extra_options, q.shape[0], run.frame_offset)
         shape = extra_options.get("original_shape")
         state.begin_unet_call(layout, tuple(shape[-2:]) if shape is not None else None)
         groups = None if layer is None else state.contexts_for(layer, torch.cat([k, v], dim=-1))
@@ -76,11 +95,15 @@ def csa_replace(state, frame_offset: int, attention: Attention):
     return patch
 
 
-def ipca_replace(state, frame_offset: int, attention: Attention):
+def ipca_replace(attention: Attention):
     """attn2 replace patch applying IPCA to the cond rows of the call (``IdentityAttentionState``)."""
     def patch(q, k, v, extra_options):
+        run = extra_options.get(TRANSFORMER_OPTION)
         heads, layer = extra_options["n_heads"], _layer(extra_options)
-        layout = _layout(extra_options, q.shape[0], frame_offset)
+        if run is None or run.ipca is None:
+            return attention(q, k, v, heads)
+        state = run.ipca
+        layout = _layout(extra_options, q.shape[0], run.frame_offset)
         ids = state.identity_positions
         if state.closed or not layout.known or k.shape[1] <= max(ids):
             return attention(q, k, v, heads)
@@ -103,13 +126,14 @@ def ipca_replace(state, frame_offset: int, attention: Attention):
 def patch_unet(p, generation, attention: Attention) -> None:
     """Clone the current UNet patcher, register the story's patches, assign it back (idempotent per call)."""
     unet = p.sd_model.forge_objects.unet.clone()
-    frame_offset = p.iteration * generation.plan.batch_size
+    unet.set_transformer_option(TRANSFORMER_OPTION, ForgeRunState(generation.csa, generation.ipca,
+                                                                  p.iteration * generation.plan.batch_size))
     if generation.csa is not None:
-        unet.set_model_replace_all(csa_replace(generation.csa, frame_offset, attention), "attn1")
+        unet.set_model_replace_all(csa_replace(attention), "attn1")
         rate, frames = generation.settings.csa_rate, generation.plan.batch_size
         base = unet.model_options.get("memory_peak_estimation_modifier", unet.memory_required)
         # Shared attention holds up to 1 + r·(B−1) times the keys/values of plain attention (README: Benchmark).
         unet.set_memory_peak_estimation_modifier(lambda shape: base(shape) * (1 + rate * (frames - 1)))
     if generation.ipca is not None:
-        unet.set_model_replace_all(ipca_replace(generation.ipca, frame_offset, attention), "attn2")
+        unet.set_model_replace_all(ipca_replace(attention), "attn2")
     p.sd_model.forge_objects.unet = unet
