@@ -121,6 +121,9 @@ class FrameConditioning:
                 if context.ndim != 2 or context.shape[0] != CONTEXT_TOKENS:
                     raise RuntimeError(f"the host encoded the consolidated prompt into {tuple(context.shape)}; "
                                        f"expected one {CONTEXT_TOKENS}-token CLIP context")
+                if not torch.isfinite(context).all():
+                    raise RuntimeError(f"the checkpoint's text encoder returned NaN/inf for the consolidated prompt "
+                                       f"{text!r}; try another checkpoint or rephrase the story")
                 self._encoded[text] = context
         for f in frames:
             if f not in self._frames:

@@ -88,3 +88,11 @@ def test_replayed_frame_prompt_gives_back_the_style():
         assert again.style == "ink wash" and again.frame_prompts == plan.frame_prompts
     assert plan_story_run(s, "a tall man, reads", 1).style == ""
     assert plan_story_run(s, "ink, a tall man, writes", 1).style == "ink, a tall man, writes"  # not a frame prompt
+
+
+def test_frame_conditioning_names_a_prompt_the_encoder_cannot_encode():
+    s = settings()
+    token_plan = plan_consolidation(s, plan_story_run(s, "", 1).story, "", str.split)
+    broken = FrameConditioning(s, token_plan, lambda texts: [torch.full((77, 8), float("nan")) for _ in texts])
+    with pytest.raises(RuntimeError, match="returned NaN/inf for the consolidated prompt 'a tall man"):
+        broken.contexts([0])

@@ -222,9 +222,7 @@ def install(p, generation: StoryGeneration) -> None:
             style_text, _ = extra_networks.parse_prompt(plan.style)  # <lora:...> tags are not prompt text
             token_plan = plan_consolidation(settings, plan.story, style_text, _tokenizer(p.sd_model))
             generation.conditioning = FrameConditioning(settings, token_plan, _encoder(p, generation))
-            # Every frame at once, in the first batch: one encoder call per generation. (On Forge the text
-            # encoder returned NaN when called again from a later batch's sampling call.)
-            generation.conditioning.contexts(range(plan.frame_count))
+            generation.conditioning.contexts(range(plan.frame_count))  # one encoder call per generation
         generation.batch_contexts = torch.stack(generation.conditioning.contexts(frames))
         if generation.pooled:
             token_plan = generation.conditioning.token_plan
