@@ -15,7 +15,6 @@ reweighted on its own, never the concatenated 2048-d rows. Pooled vectors are no
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -97,7 +96,5 @@ def npr_frame_context(context: torch.Tensor, plan: FramePlan, *, enhance: float 
     _check_context(context, plan)
     out = context.clone()
     for frame, span in zip(plan.frames, plan.spans):
-        factor = enhance if frame == plan.frame else suppress
-        if not math.isclose(factor, 1.0):
-            out[span.start:span.stop] = context[span.start:span.stop] * factor
+        out[span.start:span.stop] = context[span.start:span.stop] * (enhance if frame == plan.frame else suppress)
     return out
