@@ -34,6 +34,15 @@ class IdentityAttentionState:
     closed: bool = False
 
 
+def dropout_bias(state: IdentityAttentionState, layer: LayerAddress, rows: int, queries: int, keys: int,
+                 like: torch.Tensor) -> torch.Tensor:
+    """(rows, queries, keys) IPCA-dropout bias, seeded by (run seed, step, layer): same draw on both hosts."""
+    generator = torch.Generator().manual_seed(stable_seed(state.run_seed, state.step, layer_key(layer), "ipca"))
+    return torch.stack([identity_logit_bias(keys, state.identity_positions, n_queries=queries, dropout=state.dropout,
+                                            generator=generator, dtype=like.dtype, device=like.device)
+                        for _ in range(rows)])
+
+
 def biased_attention_forward(module: torch.nn.Module, hidden: torch.Tensor, context: torch.Tensor,
                              bias: torch.Tensor) -> torch.Tensor:
     """The attention of an ldm/diffusers attention module with an additive logit bias.
@@ -86,10 +95,7 @@ class IdentityCrossAttentionHook(InstanceForwardHook):
         if state.dropout == 0:
             extended = append_identity_tokens(context, state.identity_positions)
             return self._inner_forward(hidden, **{**kwargs, self.context_kwarg: extended})
-        generator = torch.Generator().manual_seed(stable_seed(state.run_seed, state.step, layer_key(self.layer), "ipca"))
-        bias = torch.stack([identity_logit_bias(context.shape[1], state.identity_positions, n_queries=hidden.shape[1],
-                                                dropout=state.dropout, generator=generator, dtype=hidden.dtype,
-                                                device=hidden.device) for _ in range(hidden.shape[0])])
+        bias = dropout_bias(state, self.layer, hidden.shape[0], hidden.shape[1], context.shape[1], hidden)
         return biased_attention_forward(self.module, hidden, context, bias)
 
 

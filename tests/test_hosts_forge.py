@@ -99,8 +99,9 @@ def test_patches_are_registered_on_a_clone_and_repeat_idempotently():
 
 
 def extra_options(cond_or_uncond, batch, heads=2, shape=(6, 4, 4, 4), csa=None, ipca=None):
-    return {TRANSFORMER_OPTION: ForgeRunState(csa, ipca, 0), "cond_or_uncond": cond_or_uncond, "sigmas": torch.ones(batch), "n_heads": heads, "block": LAYER[:2],
-            "block_index": LAYER[2], "original_shape": list(shape)}
+    return {TRANSFORMER_OPTION: ForgeRunState(csa, ipca, 0), "cond_or_uncond": cond_or_uncond,
+            "sigmas": torch.ones(batch), "n_heads": heads, "block": LAYER[:2], "block_index": LAYER[2],
+            "original_shape": list(shape)}
 
 
 @pytest.mark.parametrize("cond_or_uncond", [[1, 0], [0, 1], [0]])

@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..consistent_self_attention import layer_key, stable_seed
-from ..identity_cross_attention import append_identity_tokens, identity_logit_bias
+from ..identity_attention_hook import dropout_bias
+from ..identity_cross_attention import append_identity_tokens
 from ..row_layout import Role, RowLayout, forge_row_layout
 
 Attention = Callable[..., torch.Tensor]  # attention_function(q, k, v, heads, mask=None) on [R, T, heads·d]
@@ -113,11 +113,7 @@ def ipca_replace(attention: Attention):
         if state.dropout == 0:
             group = (cond, append_identity_tokens(k[cond], ids), append_identity_tokens(v[cond], ids), None)
         else:
-            generator = torch.Generator().manual_seed(
-                stable_seed(state.run_seed, state.step, layer_key(layer or ("?", 0, 0)), "ipca"))
-            bias = torch.stack([identity_logit_bias(k.shape[1], ids, n_queries=q.shape[1], dropout=state.dropout,
-                                                    generator=generator, dtype=q.dtype, device=q.device)
-                                for _ in cond]).unsqueeze(1)
+            bias = dropout_bias(state, layer or ("?", 0, 0), len(cond), q.shape[1], k.shape[1], q).unsqueeze(1)
             group = (cond, k[cond], v[cond], bias)
         return _in_groups(attention, heads, q, k, v, [group])
     return patch
