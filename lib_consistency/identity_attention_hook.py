@@ -77,7 +77,8 @@ class IdentityCrossAttentionHook(InstanceForwardHook):
         cond = [r for r, role in enumerate(state.layout.roles) if role is Role.COND]
         if not cond:
             return self._inner_forward(hidden, **kwargs)
-        rest = [r for r in range(hidden.shape[0]) if r not in set(cond)]
+        cond_set = set(cond)
+        rest = [r for r in range(hidden.shape[0]) if r not in cond_set]
         cond_index = torch.tensor(cond, device=hidden.device)
         cond_out = self._cond_rows(hidden.index_select(0, cond_index), context.index_select(0, cond_index), kwargs)
         if not rest:

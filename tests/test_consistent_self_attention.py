@@ -36,8 +36,9 @@ def make_state(layout: RowLayout, rate=0.5, seed=7, groups=None, schedule="alway
     return state
 
 
-def run_hooked(module, hidden, state):
-    hooks = install_hooks([(LAYER, module)], state)
+def run_hooked(module, hidden, state, layer=LAYER):
+    """One forward with the CSA hook installed on ``module``, removed afterwards."""
+    hooks = install_hooks([(layer, module)], state)
     try:
         with torch.no_grad():
             return module(hidden)

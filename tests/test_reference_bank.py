@@ -4,11 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_consistency.attention_hooks import BankMode, ConsistencyState, install_hooks, remove_hooks
+from lib_consistency.attention_hooks import BankMode, ConsistencyState
 from lib_consistency.bench import MultiHeadSelfAttention
 from lib_consistency.consistent_self_attention import CsaSettings, StepKey
 from lib_consistency.reference_bank import BankKey, ReferenceBank
 from lib_consistency.row_layout import Role, RowLayout
+from tests.test_consistent_self_attention import run_hooked
 
 C, U = Role.COND, Role.UNCOND
 LAYER = ("output", 4, 0)
@@ -45,12 +46,7 @@ def make_state(mode=BankMode.OFF, reference_frames=(), bank=None, rate=0.5):
 def call(module, state, layout, hidden, step=StepKey(0, 2, 3.5)):
     state.begin_unet_call(layout, None)
     state.begin_step(step.pass_index, step.step_index, 20, step.sigma)
-    hooks = install_hooks([(LAYER, module)], state)
-    try:
-        with torch.no_grad():
-            return module(hidden)
-    finally:
-        remove_hooks(hooks)
+    return run_hooked(module, hidden, state, LAYER)
 
 
 def test_write_then_read_reproduces_in_batch_sharing(attention):

@@ -58,8 +58,8 @@ def _layer(extra_options: dict) -> tuple[str, int, int] | None:
 
 def _in_groups(attention: Attention, heads: int, q, k, v, groups: list) -> torch.Tensor:
     """Attention per row group: ``groups`` holds (rows, k_rows, v_rows, mask); rows in no group attend plainly."""
-    covered = [r for rows, *_ in groups for r in rows]
-    rest = [r for r in range(q.shape[0]) if r not in set(covered)]
+    covered = {r for rows, *_ in groups for r in rows}
+    rest = [r for r in range(q.shape[0]) if r not in covered]
     if rest:
         groups = groups + [(rest, k[rest], v[rest], None)]
     if len(groups) == 1 and list(groups[0][0]) == list(range(q.shape[0])):
@@ -75,48 +75,50 @@ def _in_groups(attention: Attention, heads: int, q, k, v, groups: list) -> torch
     return out
 
 
-def csa_replace(attention: Attention):
-    """attn1 replace patch ``(q, k, v, extra_options) -> out`` applying consistent self-attention."""
+def _replace_patch(method: str, groups_for: Callable, attention: Attention):
+    """A replace patch ``(q, k, v, extra_options) -> out``: reads the run state and the rows of this call, asks
+    ``groups_for(state, q, k, v, extra_options, layout, layer)`` for row groups; None means plain attention."""
     def patch(q, k, v, extra_options):
         run = extra_options.get(TRANSFORMER_OPTION)
-        heads, layer = extra_options["n_heads"], _layer(extra_options)
-        if run is None or run.csa is None:
+        heads = extra_options["n_heads"]
+        state = None if run is None else getattr(run, method)
+        if state is None:
             return attention(q, k, v, heads)
-        state = run.csa
         layout = _layout(extra_options, q.shape[0], run.frame_offset)
-        shape = extra_options.get("original_shape")
-        state.begin_unet_call(layout, tuple(shape[-2:]) if shape is not None else None)
-        groups = None if layer is None else state.contexts_for(layer, torch.cat([k, v], dim=-1))
-        if not groups:
-            return attention(q, k, v, heads)
-        width = k.shape[-1]
-        return _in_groups(attention, heads, q, k, v, [(g.rows, g.context[..., :width], g.context[..., width:], None)
-                                                      for g in groups])
+        groups = groups_for(state, q, k, v, extra_options, layout, _layer(extra_options))
+        return attention(q, k, v, heads) if not groups else _in_groups(attention, heads, q, k, v, groups)
     return patch
+
+
+def _csa_groups(state, q, k, v, extra_options, layout, layer):
+    shape = extra_options.get("original_shape")
+    state.begin_unet_call(layout, tuple(shape[-2:]) if shape is not None else None)
+    groups = None if layer is None else state.contexts_for(layer, torch.cat([k, v], dim=-1))
+    width = k.shape[-1]
+    return [(g.rows, g.context[..., :width], g.context[..., width:], None) for g in groups or ()]
+
+
+def _ipca_groups(state, q, k, v, extra_options, layout, layer):
+    ids = state.identity_positions
+    if state.closed or not layout.known or k.shape[1] <= max(ids):
+        return None
+    cond = [r for r, role in enumerate(layout.roles) if role is Role.COND]
+    if not cond:
+        return None
+    if state.dropout == 0:
+        return [(cond, append_identity_tokens(k[cond], ids), append_identity_tokens(v[cond], ids), None)]
+    bias = dropout_bias(state, layer or ("?", 0, 0), len(cond), q.shape[1], k.shape[1], q).unsqueeze(1)
+    return [(cond, k[cond], v[cond], bias)]
+
+
+def csa_replace(attention: Attention):
+    """attn1 replace patch applying consistent self-attention (the run's ``ConsistencyState``)."""
+    return _replace_patch("csa", _csa_groups, attention)
 
 
 def ipca_replace(attention: Attention):
-    """attn2 replace patch applying IPCA to the cond rows of the call (``IdentityAttentionState``)."""
-    def patch(q, k, v, extra_options):
-        run = extra_options.get(TRANSFORMER_OPTION)
-        heads, layer = extra_options["n_heads"], _layer(extra_options)
-        if run is None or run.ipca is None:
-            return attention(q, k, v, heads)
-        state = run.ipca
-        layout = _layout(extra_options, q.shape[0], run.frame_offset)
-        ids = state.identity_positions
-        if state.closed or not layout.known or k.shape[1] <= max(ids):
-            return attention(q, k, v, heads)
-        cond = [r for r, role in enumerate(layout.roles) if role is Role.COND]
-        if not cond:
-            return attention(q, k, v, heads)
-        if state.dropout == 0:
-            group = (cond, append_identity_tokens(k[cond], ids), append_identity_tokens(v[cond], ids), None)
-        else:
-            bias = dropout_bias(state, layer or ("?", 0, 0), len(cond), q.shape[1], k.shape[1], q).unsqueeze(1)
-            group = (cond, k[cond], v[cond], bias)
-        return _in_groups(attention, heads, q, k, v, [group])
-    return patch
+    """attn2 replace patch applying IPCA to the cond rows of the call (the run's ``IdentityAttentionState``)."""
+    return _replace_patch("ipca", _ipca_groups, attention)
 
 
 def patch_unet(p, generation, attention: Attention) -> None:
