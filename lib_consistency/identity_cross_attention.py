@@ -14,6 +14,15 @@ Hence, for the conditional rows of every cross-attention (attn2) call:
 - ``identity_logit_bias``: or add +ln 2 to those logits; with IPCA dropout p, ln(1 + b) with
   b ~ Bernoulli(1 - p) per (query, key), shared across heads, drawn from a seeded generator.
 Unconditional rows and self-attention are never touched.
+
+Contexts longer than one 77-token chunk (methods.md §2.8 step D "Chunks"). Our conditioning is always one chunk,
+but a host batching it with a longer negative prompt makes the cond rows longer: Forge (like ComfyUI) repeats the
+whole 77-token context to the common length, and A1111's "pad prompt/negative prompt" options append chunks of the
+empty prompt (or copies of the last token). ``identity_columns`` tells the two apart: a context that is n identical
+copies of its first chunk is plain attention over that chunk (every key n times), so IPCA doubles the identity keys
+of every copy; otherwise the first chunk is ours and the rest is the host's padding, and only the first chunk's
+identity keys are doubled, exactly as without padding. A length that is not a whole number of chunks is not ours:
+IPCA passes through (``None``) and the caller warns.
 """
 from __future__ import annotations
 
@@ -24,12 +33,40 @@ import torch
 import torch.nn.functional as F
 
 
+CHUNK = 77  # one CLIP context: SOT + 75 tokens + EOT
+_COPY_TOLERANCE = 1e-3  # relative: a repeated chunk after a projection may differ in the last bits only
+
+
+def identity_columns(context: torch.Tensor, identity_positions: Sequence[int]) -> tuple[int, ...] | None:
+    """The key columns IPCA doubles in a cond context (or its projected keys) of any length.
+
+    Args:
+        context: [R, T, D] cond rows' context (A1111 hook) or projected keys (Forge patch).
+        identity_positions: SOT + identity positions within one chunk.
+    Returns:
+        ``identity_positions`` for T = 77 or host padding after our chunk; those of every chunk when the context is
+        T / 77 copies of its first chunk; None when T is not a multiple of 77 (not a context IPCA can read).
+    """
+    length = context.shape[1]
+    if length == CHUNK:
+        return tuple(identity_positions)
+    if length < CHUNK or length % CHUNK:
+        return None
+    chunks = context.reshape(context.shape[0], length // CHUNK, CHUNK, -1)
+    first = chunks[:, :1]
+    scale = float(first.abs().max()) or 1.0
+    if float((chunks - first).abs().max()) <= _COPY_TOLERANCE * scale:
+        return tuple(c * CHUNK + p for c in range(length // CHUNK) for p in identity_positions)
+    return tuple(identity_positions)
+
+
 def append_identity_tokens(context: torch.Tensor, identity_positions: Sequence[int]) -> torch.Tensor:
     """Append the SOT + identity rows of each row's own context.
 
     Args:
-        context: [R, T, D] conditional cross-attention contexts (cond rows only).
-        identity_positions: token positions {0} + span(identity) (``FramePlan.identity_positions``).
+        context: [R, T, D] conditional cross-attention contexts (cond rows only), or their projected keys/values.
+        identity_positions: token positions {0} + span(identity) (``FramePlan.identity_positions``), or the
+            columns ``identity_columns`` gives for a context longer than one chunk.
     Returns:
         [R, T + L, D] with L = len(identity_positions).
     """

@@ -8,6 +8,10 @@ With consistent self-attention and more than one batch, the reference frames (th
 1Prompt1Story conditioning (methods.md §2.8 Steps A-C) is built from the host's own encoder: the identity prompt is
 the style text (the WebUI prompt box, extra-network tags removed by the host) followed by the story's identity
 prompt; every frame's context is the SVR/NPR-reweighted encoding of its consolidated prompt or window.
+
+Consolidation needs a story of at least two frames (methods.md §2.8 assumes N >= 2: with one frame there is nothing
+to consolidate or suppress); a one-frame story with *Consolidate* on is refused with a message, never silently run
+as something else.
 """
 from __future__ import annotations
 
@@ -17,9 +21,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .story import Story, parse_story
-from .svr import npr_frame_context, svr_frame_context
+from .svr import SvrRangeError, npr_frame_context, svr_frame_context
 from .token_plan import CONTEXT_TOKENS, TokenPlan, Tokenizer, plan_tokens
 
 
@@ -53,6 +57,9 @@ def plan_story_run(settings: Settings, style: str, seed: int) -> StoryRunPlan:
     ``style_of_expanded_prompt``), so replaying an image's infotext regenerates the same story.
     """
     story = parse_story(settings.story)
+    if settings.consolidate and len(story.frames) < 2:
+        raise SettingsError("consolidate", f"1Prompt1Story consolidation needs a story of at least 2 frames (this "
+                                           f"one has {len(story.frames)}); add a frame or turn 'Consolidate' off")
     recovered = style_of_expanded_prompt(story, style)
     style = style if recovered is None else recovered
     count = len(story.frames)
@@ -100,11 +107,14 @@ class FrameConditioning:
     """Per-frame 1P1S contexts of one generation, built lazily per frame and cached (text encodings too).
 
     ``encode`` is the host's own text-encoder path (CLIP skip, emphasis, embeddings and LoRA text-encoder weights
-    apply); it must return one 77-token context per text.
+    apply); it must return one 77-token context per text. The cached encodings are never modified (every frame
+    is reweighted from the pristine encoding). ``unet_dtype``: the dtype the UNet computes in; a reweighted context
+    must be finite in it as well as in the encoder's dtype, or the frame is refused with a message.
     """
     settings: Settings
     token_plan: TokenPlan
     encode: Encode
+    unet_dtype: torch.dtype | None = None
     _encoded: dict[str, torch.Tensor] = field(default_factory=dict)
     _frames: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -134,9 +144,18 @@ class FrameConditioning:
     def _reweight(self, context: torch.Tensor, frame_plan) -> torch.Tensor:
         s = self.settings
         if s.reweighting == "svr":
-            return svr_frame_context(context, frame_plan, enhance_alpha=s.svr_enhance_alpha,
-                                     enhance_beta=s.svr_enhance_beta, suppress_alpha=s.svr_suppress_alpha,
-                                     suppress_beta=s.svr_suppress_beta, eot_mode=s.eot_mode)
+            try:
+                return svr_frame_context(context, frame_plan, enhance_alpha=s.svr_enhance_alpha,
+                                         enhance_beta=s.svr_enhance_beta, suppress_alpha=s.svr_suppress_alpha,
+                                         suppress_beta=s.svr_suppress_beta, eot_mode=s.eot_mode,
+                                         limit=self.unet_dtype)
+            except SvrRangeError as error:
+                raise RuntimeError(f"story {error}") from None
         if s.reweighting == "npr":
-            return npr_frame_context(context, frame_plan, enhance=s.npr_enhance, suppress=s.npr_suppress)
+            out = npr_frame_context(context, frame_plan, enhance=s.npr_enhance, suppress=s.npr_suppress)
+            limit = min((torch.finfo(d).max for d in (out.dtype, self.unet_dtype) if d is not None))
+            if not out.abs().max() <= limit:
+                raise RuntimeError(f"story frame {frame_plan.frame + 1}: NPR's x{s.npr_enhance:g} takes the "
+                                   f"conditioning beyond the UNet's range ({limit:.6g}); lower 'NPR enhance'")
+            return out
         return context

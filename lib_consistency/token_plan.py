@@ -8,6 +8,12 @@ Each piece is tokenised on its own and the spans are recorded as the pieces are 
 for. The tokenizer is injected (``text -> sequence of tokens`` without SOT/EOT) so each host can pass its own:
 A1111 maps text with its ``tokenize_line``, which handles emphasis and textual-inversion embeddings.
 
+Counting is not proof (methods.md §2.8 step A2): an emphasis bracket or an embedding name that crosses from one
+piece into the next tokenises differently inside the joined prompt and would shift every later span silently.
+``verify_token_plan`` tokenises every consolidated text once with the host's tokenizer and checks that it is
+exactly the pieces' tokens in plan order (ids, emphasis weights and embedding vectors alike), naming the frame
+where they part.
+
 One CLIP chunk holds 75 content tokens (77 with SOT and EOT). When the whole story does not fit, each frame
 gets a window: the identity prompt, the frame itself, then the following frames circularly, as many as fit
 (and at most ``window`` frames). A frame that cannot fit beside the identity prompt is an error; a prompt is
@@ -76,13 +82,20 @@ class FramePlan:
         return (0, *self.identity.positions)
 
 
+class TokenSpanError(TokenBudgetError):
+    """The host tokenises a consolidated prompt differently from its pieces (``frame`` None: the identity)."""
+
+
 @dataclass(frozen=True)
 class TokenPlan:
-    """Per-frame plans for one story. ``windowed`` is False when every frame shares one consolidated prompt."""
+    """Per-frame plans for one story. ``windowed`` is False when every frame shares one consolidated prompt.
+    ``identity_text`` / ``frame_texts`` are the pieces the texts were joined from."""
     frames: tuple[FramePlan, ...]
     windowed: bool
     identity_tokens: int
     frame_tokens: tuple[int, ...]
+    identity_text: str = ""
+    frame_texts: tuple[str, ...] = ()
 
     @property
     def texts(self) -> tuple[str, ...]:
@@ -95,6 +108,20 @@ class TokenPlan:
         parts = "+".join(str(n) for n in self.frame_tokens)
         mode = f"; windowed, {max(len(p.frames) for p in self.frames)} frames per context" if self.windowed else ""
         return f"{used}/{CHUNK_CONTENT_TOKENS} tokens (identity {self.identity_tokens}, frames {parts}){mode}"
+
+    def spans_line(self) -> str:
+        """The token positions for the infotext (inclusive ranges, frames 1-based), e.g.
+        ``SOT 0; identity 1-12; frames 13-17 18-22 23-30; EOT 31-76``; windowed, each frame's own span and the
+        frames after it: ``...; windows 1@13-17+2+3 2@13-16+3+4 ...; EOT after each window``."""
+        def r(span: Span) -> str:
+            return f"{span.start}-{span.stop - 1}" if len(span) else "none"
+        head = f"SOT 0; identity {r(self.frames[0].identity)}"
+        if not self.windowed:
+            plan = self.frames[0]
+            return f"{head}; frames {' '.join(r(s) for s in plan.spans)}; EOT {plan.eot_start}-{CONTEXT_TOKENS - 1}"
+        windows = " ".join(f"{p.frame + 1}@{r(p.spans[0])}" + "".join(f"+{f + 1}" for f in p.frames[1:])
+                           for p in self.frames)
+        return f"{head}; windows {windows}; EOT after each window"
 
 
 def _layout(identity_len: int, frame_lens: Sequence[int], order: Sequence[int]) -> tuple[Span, tuple[Span, ...], int]:
@@ -153,4 +180,46 @@ def plan_tokens(identity: str, frames: Sequence[str], tokenize: Tokenizer, windo
         identity_span, spans, eot_start = _layout(identity_len, frame_lens, order)
         text = " ".join(([identity] if identity else []) + [frames[f] for f in order])
         plans.append(FramePlan(current, text, identity_span, tuple(order), spans, eot_start))
-    return TokenPlan(tuple(plans), windowed, identity_len, frame_lens)
+    return TokenPlan(tuple(plans), windowed, identity_len, frame_lens, identity, tuple(frames))
+
+
+def verify_token_plan(plan: TokenPlan, tokenize: Tokenizer, encoder: str = "the text encoder") -> None:
+    """Check, once per generation, that the host's tokenisation of every consolidated text puts each piece where
+    the plan says (methods.md §2.8 step A2).
+
+    ``tokenize`` must return comparable per-token items (the hosts give (id, emphasis weight, embedding) tuples) so
+    that a shifted weight or embedding counts as a difference, not only a shifted id. Raises ``TokenSpanError``
+    naming the line (identity prompt or frame) where the joined text departs from its pieces.
+    """
+    if len(plan.frame_texts) != len(plan.frames):
+        raise ValueError("verify_token_plan needs the plan's piece texts (plan_tokens records them)")
+    pieces: dict[int | None, list] = {None: list(tokenize(plan.identity_text)) if plan.identity_text else []}
+    for f, text in enumerate(plan.frame_texts):
+        pieces[f] = list(tokenize(text))
+    for text, frame_plan in {p.text: p for p in plan.frames}.items():
+        joined = list(tokenize(text))
+        order = [None, *frame_plan.frames]
+        expected = [item for piece in order for item in pieces[piece]]
+        if joined == expected:
+            continue
+        first = next((i for i, (a, b) in enumerate(zip(joined, expected)) if a != b), min(len(joined),
+                                                                                          len(expected)))
+        owners = [piece for piece in order for _ in pieces[piece]]
+        at = min(first, len(owners) - 1)
+        owner = owners[at]
+        where = _piece_name(plan, owner)
+        # A difference at the first or last token of a piece is a seam: a bracket or an embedding name runs from
+        # one line into the next (either may be at fault); ``frame`` is the earlier line.
+        if at > 0 and owners[at - 1] != owner:
+            owner = owners[at - 1]
+            where = f"{_piece_name(plan, owner)} where it meets {where}"
+        elif at + 1 < len(owners) and owners[at + 1] != owner:
+            where += f" where it meets {_piece_name(plan, owners[at + 1])}"
+        raise TokenSpanError(
+            f"{where} tokenises differently inside the consolidated prompt ({encoder}: {len(joined)} tokens "
+            f"joined, {len(expected)} from its lines; first difference at token {first + 1}); an emphasis bracket "
+            f"or an embedding name must open and close within one line", frame=owner)
+
+
+def _piece_name(plan: TokenPlan, piece: int | None) -> str:
+    return "the identity prompt" if piece is None else f"frame {piece + 1} ({plan.frame_texts[piece]!r})"

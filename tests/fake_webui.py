@@ -20,6 +20,7 @@ MODULE_NAMES = ("modules", "modules.devices", "modules.extra_networks", "modules
 def stub_modules() -> dict[str, types.ModuleType]:
     mods = {name: types.ModuleType(name) for name in MODULE_NAMES}
     mods["modules.devices"].autocast = contextlib.nullcontext
+    mods["modules.devices"].dtype_unet = torch.float32
     mods["modules.extra_networks"].parse_prompt = lambda text: (re.sub(r"<[^>]*>", "", text), {})
     mods["modules.images"].saved = []
     mods["modules.images"].save_image = lambda image, *a, **k: mods["modules.images"].saved.append(image)
@@ -116,7 +117,14 @@ class ToyTextModel:
         self.tokenizer, self.encoder = tokenizer, encoder
 
     def tokenize_line(self, text):
-        return None, len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """A1111's ``(chunks, token_count)``: 75 content tokens per chunk between SOT and EOT, no emphasis."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        chunks = []
+        for start in range(0, max(len(ids), 1), 75):
+            content = ids[start:start + 75]
+            tokens = [49406] + content + [49407] * (76 - len(content))
+            chunks.append(types.SimpleNamespace(tokens=tokens, multipliers=[1.0] * 77, fixes=[]))
+        return chunks, len(ids)
 
     def encode(self, texts):
         ids = self.tokenizer(list(texts), padding="max_length", max_length=77, truncation=True,

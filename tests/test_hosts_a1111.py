@@ -220,3 +220,41 @@ def test_forge_model_that_is_not_a_unet_is_refused(host):
         p.sample(a1111.on_cfg_denoiser)
     a1111.process_before_every_sampling(p)
     assert model.forge_objects.unet is patcher
+
+
+def test_token_spans_are_verified_with_the_host_tokenizer_and_recorded(host):
+    a1111, model = host
+    p = ToyProcessing(model)
+    run(a1111, p, args_for())
+    spans = p.extra_generation_params["Story Token spans"]
+    token_plan = getattr(p, a1111.RUN_ATTRIBUTE).conditioning.token_plan
+    assert spans == token_plan.spans_line() and spans.startswith("SOT 0; identity 1-")
+    assert Settings.from_infotext(p.extra_generation_params) == Settings.from_args(args_for())  # not a setting
+
+    # a host tokenizer whose joined text differs from its lines (e.g. an embedding name across two lines)
+    tokenize_line = model.cond_stage_model.tokenize_line
+    seam = token_plan.frames[0].identity.stop  # frame 1's first token
+
+    def shifting(text):
+        chunks, count = tokenize_line(text)
+        if "tail runs" in text:
+            chunks[0].tokens[seam] += 1
+        return chunks, count
+    model.cond_stage_model.tokenize_line = shifting
+    q = ToyProcessing(model)
+    a1111.before_process(q, args_for())
+    with pytest.raises(RuntimeError, match=r"^Consistent Story: the identity prompt where it meets frame 1 "
+                                           r"\('runs through snow'\) tokenises differently .*\(CLIP: "):
+        q.sample(a1111.on_cfg_denoiser)
+    assert module_state(model.model.diffusion_model) == ([], 0) and not q.seen_conds
+
+
+def test_one_frame_story_with_consolidation_is_refused(host):
+    a1111, model = host
+    p = ToyProcessing(model)
+    a1111.before_process(p, args_for(story="a small red fox\nsleeps in a log"))
+    with pytest.raises(RuntimeError, match="'consolidate': 1Prompt1Story consolidation needs a story of at least 2"):
+        p.sample(a1111.on_cfg_denoiser)
+    q = ToyProcessing(model)
+    run(a1111, q, args_for(story="a small red fox\nsleeps in a log", preset="StoryDiffusion"))
+    assert q.prompt == ["watercolor, a small red fox, sleeps in a log"] and len(q.seen_conds) == q.steps

@@ -164,3 +164,26 @@ def test_ipca_replace_equals_the_module_hook(dropout):
     torch.testing.assert_close(forge_out, hook_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(forge_out[:3], plain[:3], rtol=1e-5, atol=1e-5)  # uncond rows (chunk 1 first)
     assert not torch.allclose(forge_out[3:], plain[3:], atol=1e-4)
+
+
+def test_ipca_replace_dropout_follows_the_frame_and_handles_a_tiled_cond():
+    """Frame 4 in a Forge call of frames 3-4 gets the same output as alone in an A1111 hook call; a cond context
+    Forge repeated to a longer uncond's length (154 tokens) gives the single-chunk result."""
+    torch.manual_seed(3)
+    module = ToyAttention(8, 12)
+    x, context = torch.randn(2, 16, 8), torch.randn(2, 77, 12)
+    state = IdentityAttentionState((0, 1, 2, 3), 0.5, 9, step=StepKey(0, 2, 4.0))
+    options = {**extra_options([0], 2, ipca=state), TRANSFORMER_OPTION: ForgeRunState(None, state, 3)}
+    patch = ipca_replace(attention_function)
+    with torch.no_grad():
+        forge_out = module.to_out(patch(module.to_q(x), module.to_k(context), module.to_v(context), options))
+        install_identity_hooks([(LAYER, module)], state)
+        state.layout = RowLayout((4,), (Role.COND,))
+        alone = module(x[1:], context=context[1:])
+        remove_stale_hooks(module)
+        torch.testing.assert_close(forge_out[1:], alone, rtol=1e-5, atol=1e-5)
+        state.dropout = 0.0
+        single = patch(module.to_q(x), module.to_k(context), module.to_v(context), options)
+        tiled = context.repeat(1, 2, 1)
+        repeated = patch(module.to_q(x), module.to_k(tiled), module.to_v(tiled), options)
+    torch.testing.assert_close(repeated, single, rtol=1e-5, atol=1e-5)

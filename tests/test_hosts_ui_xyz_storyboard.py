@@ -113,28 +113,67 @@ def test_preset_input_sets_method_controls(built):
 
 
 def test_story_status_shows_budget_and_errors():
-    words = str.split  # a stand-in tokenizer: one token per word
+    words = [("words", str.split)]  # a stand-in tokenizer: one token per word
     story = "a red fox\nin the snow # Morning\n[NC] an empty lake\n"
     assert "2 frames; 9/75 tokens (identity 3, frames 3+3)" in ui.story_status(story, True, 10, words)
-    assert "once a model is loaded" in ui.story_status(story, True, 10, None)
-    assert ui.story_status(story, False, 10, None) == "<p>2 frames</p>"
+    assert "once a model is loaded" in ui.story_status(story, True, 10, [])
+    assert ui.story_status(story, False, 10, []) == "<p>2 frames</p>"
     assert "story line 4: unknown character tag [Bobb]" in \
         ui.story_status("Bob: a man\n---\n[Bob] walks\n[Bobb] runs", True, 10, words)
-    assert "exceeds" in ui.story_status("a fox\n" + "word " * 80, True, 10, words)
+    assert "exceeds" in ui.story_status("a fox\nsits\n" + "word " * 80, True, 10, words)
     assert ui.story_status("  \n", True, 10, words) == ""
+    # one frame: nothing to consolidate (refused when generating too); fine without consolidation
+    assert "consolidation needs at least 2 frames" in ui.story_status("a fox\nsits", True, 10, words)
+    assert ui.story_status("a fox\nsits", False, 10, words) == "<p>1 frame</p>"
 
 
-def test_host_tokenizer_counts_with_the_models_tokenize_line():
-    clip = types.SimpleNamespace(tokenize_line=lambda text: ([], len(text.split()) * 2))
+def test_story_status_shows_a_span_the_second_encoder_shifts():
+    def shifting(text):  # an encoder whose tokenisation of the joined text differs from its pieces
+        return text.replace("fox in", "fox-in").split()
+    status = ui.story_status("a red fox\nin the snow\nby a lake", True, 10, [("CLIP-L", str.split),
+                                                                           ("OpenCLIP bigG", shifting)])
+    assert "&#9888;" in status and "frame 1 (&#x27;in the snow&#x27;)" in status and "OpenCLIP bigG" in status
+
+
+class Chunk:
+    def __init__(self, content, multipliers=None, fixes=()):
+        self.tokens = [49406] + list(content) + [49407] * (76 - len(content))
+        self.multipliers = [1.0] + list(multipliers or [1.0] * len(content)) + [1.0] * (76 - len(content))
+        self.fixes = list(fixes)
+
+
+def test_host_tokenizers_read_tokenize_line_of_every_clip_encoder():
+    from lib_consistency.hosts.tokenizers import model_tokenizers
+
+    def engine(scale):
+        def tokenize_line(text):
+            ids = [len(w) * scale for w in text.split()]
+            return [Chunk(ids[i:i + 75]) for i in range(0, max(len(ids), 1), 75)], len(ids)
+        return types.SimpleNamespace(tokenize_line=tokenize_line)
+    clip, big_g = engine(1), engine(2)
     shared = types.SimpleNamespace(sd_model=types.SimpleNamespace(cond_stage_model=clip))
     modules = {**fake_modules(), "modules.shared": shared}
     modules["modules"].shared = shared
     with patch.dict("sys.modules", modules):
-        assert len(ui.host_tokenizer()("a red fox")) == 6
-        shared.sd_model = types.SimpleNamespace(conditioner=types.SimpleNamespace(embedders=[clip]))  # SDXL
-        assert len(ui.host_tokenizer()("a fox")) == 4
+        (name, tokenize), = ui.host_tokenizers()
+        assert name == "CLIP" and tokenize("a red fox") == [(1, 1.0, None), (3, 1.0, None), (3, 1.0, None)]
+        assert len(tokenize("word " * 80)) == 80  # two chunks, padding of the last one not counted
+        shared.sd_model = types.SimpleNamespace(conditioner=types.SimpleNamespace(embedders=[clip, big_g]))  # SDXL
+        assert [(n, t("a fox")) for n, t in ui.host_tokenizers()] == [
+            ("CLIP-L", [(1, 1.0, None), (3, 1.0, None)]), ("OpenCLIP bigG", [(2, 1.0, None), (6, 1.0, None)])]
+        shared.sd_model = types.SimpleNamespace(text_processing_engine_l=clip, text_processing_engine_g=big_g)  # Forge
+        assert [n for n, _ in ui.host_tokenizers()] == ["CLIP-L", "OpenCLIP bigG"]
         shared.sd_model = None
-        assert ui.host_tokenizer() is None
+        assert ui.host_tokenizers() == []
+
+
+def test_host_tokenizer_items_carry_emphasis_and_embeddings():
+    from lib_consistency.hosts.tokenizers import token_items
+    embedding = types.SimpleNamespace(name="hero-style", vectors=2)
+    chunk = Chunk([5, 0, 0, 7], multipliers=[1.0, 1.1, 1.1, 1.0], fixes=[types.SimpleNamespace(offset=1,
+                                                                                                embedding=embedding)])
+    tokenize = token_items(types.SimpleNamespace(tokenize_line=lambda text: ([chunk], 4)))
+    assert tokenize("x") == [(5, 1.0, None), (0, 1.1, "hero-style"), (0, 1.1, "hero-style"), (7, 1.0, None)]
 
 
 def test_infotext_paste_restores_the_style_prompt():

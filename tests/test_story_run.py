@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_consistency.settings import Settings
+from lib_consistency.settings import Settings, SettingsError
 from lib_consistency.story import StoryError
 from lib_consistency.story_run import (FrameConditioning, consolidation_identity, plan_consolidation,
                                        plan_story_run)
@@ -96,3 +96,48 @@ def test_frame_conditioning_names_a_prompt_the_encoder_cannot_encode():
     broken = FrameConditioning(s, token_plan, lambda texts: [torch.full((77, 8), float("nan")) for _ in texts])
     with pytest.raises(RuntimeError, match="returned NaN/inf for the consolidated prompt 'a tall man"):
         broken.contexts([0])
+
+
+def test_float64_encoder_frames_do_not_accumulate():
+    """One cached float64 encoding serves every frame; frame k is never reweighted on top of frames 1..k-1."""
+    torch.manual_seed(3)
+    base = torch.randn(77, 24, dtype=torch.float64) * 3
+    s = settings()
+    token_plan = plan_consolidation(s, plan_story_run(s, "", 1).story, "", str.split)
+    conditioning = FrameConditioning(s, token_plan, lambda texts: [base.clone() for _ in texts])
+    pristine = conditioning.contexts([0])[0]
+    encoded = conditioning._encoded[token_plan.texts[0]].clone()
+    together = conditioning.contexts([0, 1, 2, 3])
+    assert torch.equal(conditioning._encoded[token_plan.texts[0]], encoded)  # the cache is never written
+    assert torch.equal(together[0], pristine)
+    for frame, context in enumerate(together):
+        assert torch.equal(context, svr_frame_context(base.clone(), token_plan.frames[frame]))
+
+
+def test_reweighted_context_out_of_range_is_refused_naming_the_frame():
+    base = torch.randn(77, 24, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 0.3
+    s = settings(story="a fox\nruns\nsleeps")
+    token_plan = plan_consolidation(s, plan_story_run(s, "", 1).story, "", str.split)
+    span = token_plan.frames[1].span_of(1)
+    base[span.start:span.stop] *= 2000  # singular values of several hundred on frame 2's rows
+    fp16 = FrameConditioning(s, token_plan, lambda texts: [base.half() for _ in texts])
+    assert torch.isfinite(fp16.contexts([0])[0]).all()  # frame 1 suppresses frame 2: fine
+    with pytest.raises(RuntimeError, match=r"^story frame 2: SVR turns singular values .* float16's range"):
+        fp16.contexts([1])
+    fp32 = FrameConditioning(s, token_plan, lambda texts: [base.float() for _ in texts])
+    assert torch.isfinite(fp32.contexts([1])[0]).all()
+    unet_fp16 = FrameConditioning(s, token_plan, lambda texts: [base.float() for _ in texts], torch.float16)
+    with pytest.raises(RuntimeError, match="story frame 2: .*float16"):
+        unet_fp16.contexts([1])
+    npr = FrameConditioning(settings(story="a fox\nruns\nsleeps", reweighting="npr"), token_plan,
+                            lambda texts: [(base * 20).half() for _ in texts])
+    with pytest.raises(RuntimeError, match=r"story frame 2: NPR's x2 .*lower 'NPR enhance'"):
+        npr.contexts([1])
+
+
+def test_one_frame_story_is_refused_with_consolidation_only():
+    one = "a fox with a white tail\nsleeps in a log"
+    with pytest.raises(SettingsError, match=r"'consolidate': .*at least 2 frames \(this one has 1\)"):
+        plan_story_run(settings(story=one), "", 1)
+    plan = plan_story_run(settings(story=one, preset="StoryDiffusion"), "", 1)
+    assert plan.frame_prompts == ("a fox with a white tail, sleeps in a log",)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib_consistency.svr import (SDXL_ENCODER_SLICES, encoder_slices, npr_frame_context,
+from lib_consistency.svr import (SDXL_ENCODER_SLICES, SvrRangeError, encoder_slices, npr_frame_context,
                                  reweight_singular_values, svr_frame_context)
 from lib_consistency.token_plan import plan_tokens
 from tests.conftest import tiny_clip_text_model
@@ -149,3 +149,69 @@ def test_real_two_encoder_conditioning(tokenize, clip_tokenizer):
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
         assert torch.equal(out[list(fp.identity_positions)], context[list(fp.identity_positions)])
     assert not torch.allclose(outs[0], outs[1])  # each frame gets its own conditioning
+
+
+# --- purity, range (issue: SVR wrote into a float64 input; fp16 overflow was returned silently) ---------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("eot_mode", ["svd", "scale"])
+def test_input_is_never_modified(dtype, eot_mode):
+    context = random_context(dtype=dtype)
+    before = context.clone()
+    for fp in plan_for().frames:
+        svr_frame_context(context, fp, eot_mode=eot_mode)
+        npr_frame_context(context, fp)
+        assert torch.equal(context, before)
+
+
+def test_float64_frames_are_independent_of_each_other():
+    """Each frame is reweighted from the pristine encoding: the order of frames changes nothing."""
+    context = random_context(dtype=torch.float64)
+    plan = plan_for()
+    fresh = [svr_frame_context(context.clone(), fp) for fp in plan.frames]
+    in_order = [svr_frame_context(context, fp) for fp in plan.frames]
+    reverse = [svr_frame_context(context, fp) for fp in reversed(plan.frames)][::-1]
+    for a, b, c, fp in zip(fresh, in_order, reverse, plan.frames):
+        assert torch.equal(a, b) and torch.equal(a, c)
+        ref = reference_svr(context, fp, (0.01, 1.0), (0.01, 0.05), "svd", ((0, 24),))
+        torch.testing.assert_close(a, ref, rtol=1e-12, atol=1e-12)
+
+
+def large_sigma_context(dtype):
+    """Frame 2's rows carry singular values of 560-920 (entries below 400): SVR+ gives values of about 3.7e6."""
+    context = random_context(dtype=torch.float64) * 0.1
+    context[9:13] *= 500  # plan_for().frames[1]'s span
+    return context.to(dtype)
+
+
+def test_fp16_overflow_is_refused_naming_the_frame():
+    context = large_sigma_context(torch.float16)
+    assert torch.isfinite(context).all()
+    fp = plan_for().frames[1]
+    with pytest.raises(SvrRangeError, match=r"frame 2: SVR turns singular values up to [\d.e+]+ .* beyond "
+                                            r"float16's range \(65504\); lower 'SVR\+ alpha'") as caught:
+        svr_frame_context(context, fp)
+    assert caught.value.frame == 1
+    # the same values fit float32, unless the UNet computing in float16 is named as the limit
+    wide = large_sigma_context(torch.float32)
+    assert torch.isfinite(svr_frame_context(wide, fp)).all()
+    with pytest.raises(SvrRangeError, match="float16"):
+        svr_frame_context(wide, fp, limit=torch.float16)
+    assert torch.isfinite(svr_frame_context(wide, fp, limit=torch.float32)).all()
+
+
+def test_singular_values_are_logged_per_frame_at_debug(caplog):
+    import logging
+    context = random_context(width=2048)
+    fp = plan_for().frames[2]
+    with caplog.at_level(logging.DEBUG, logger="lib_consistency.svr"):
+        svr_frame_context(context, fp)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lib_consistency.svr"]
+    assert len(lines) == 2  # one per encoder slice
+    assert lines[0].startswith("SVR frame 3, features 0:768, 3 SVDs: singular values min ")
+    assert "features 768:2048" in lines[1] and "/ median " in lines[1] and "/ max " in lines[1]
+    with caplog.at_level(logging.INFO, logger="lib_consistency.svr"):
+        caplog.clear()
+        svr_frame_context(context, fp)
+    assert not caplog.records

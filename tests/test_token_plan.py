@@ -1,9 +1,12 @@
 """Prompt consolidation: spans recorded while joining, windows past 75 tokens, budget errors."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from lib_consistency.token_plan import CHUNK_CONTENT_TOKENS, TokenBudgetError, plan_tokens
+from lib_consistency.token_plan import (CHUNK_CONTENT_TOKENS, TokenBudgetError, TokenSpanError, plan_tokens,
+                                        verify_token_plan)
 
 
 def joined_tokens(plan, tokenize):
@@ -106,3 +109,65 @@ def test_host_tokenizer_is_used_for_counts():
     plan = plan_tokens("a <ti> hero", ["runs", "jumps"], host_tokenize)
     fp = plan.frames[0]
     assert fp.identity.stop == 1 + 6 and fp.span_of(1).start == 8 and fp.eot_start == 9
+
+
+# --- spans verified with the host's tokenizer (methods.md §2.8 step A2) -------------------------------------------
+
+
+def emphasis_tokenizer(text):
+    """A1111-like: words are tokens carrying a weight; '(' multiplies by 1.1 until its ')', an unmatched ')' is a
+    word of its own, and the two-word embedding name 'hero style' becomes 3 embedding vectors."""
+    items, weight, depth = [], 1.0, 0
+    words = text.replace("(", " ( ").replace(")", " ) ").split()
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "(":
+            depth, weight = depth + 1, weight * 1.1
+        elif word == ")" and depth:
+            depth, weight = depth - 1, weight / 1.1
+        elif word == "hero" and words[i + 1:i + 2] == ["style"]:
+            items += [(0, weight, "hero style")] * 3
+            i += 1
+        else:
+            items.append((word, weight, None))
+        i += 1
+    return items
+
+
+def test_verified_plan_passes_for_well_formed_pieces(consistory_plus, tokenize):
+    for identity, frames in consistory_plus:
+        verify_token_plan(plan_tokens(identity, frames, tokenize), tokenize, "CLIP-L")
+    story = ("a (red:1.2) fox in hero style", ["(runs) through snow", "sleeps", "hero style dances"])
+    verify_token_plan(plan_tokens(*story, emphasis_tokenizer), emphasis_tokenizer)
+
+
+@pytest.mark.parametrize("identity, frames, where, frame", [
+    # an unclosed bracket: alone, 'fox' is emphasised; joined, the frame's ')' closes it and is not a token
+    ("a (red fox", ["runs)", "sleeps"], "the identity prompt", None),
+    ("a red fox", ["runs (fast", "sleeps)"], "frame 1 ('runs (fast')", 0),
+    # an embedding name split across two lines
+    ("a fox in hero", ["style runs", "sleeps"], "the identity prompt where it meets frame 1 ('style runs')", None),
+    ("a fox", ["runs", "sleeps in hero", "style dances"], "frame 2 ('sleeps in hero') where it meets frame 3", 1),
+])
+def test_a_shifted_span_is_detected_naming_the_line(identity, frames, where, frame):
+    plan = plan_tokens(identity, frames, emphasis_tokenizer)
+    with pytest.raises(TokenSpanError, match=re.escape(where)) as caught:
+        verify_token_plan(plan, emphasis_tokenizer, "CLIP-L")
+    assert caught.value.frame == frame and "(CLIP-L: " in str(caught.value)
+
+
+def test_windowed_texts_are_each_verified():
+    frames = [f"scene {i} " + "w " * 20 for i in range(5)]
+    frames[3] = "scene 3 (" + "w " * 20
+    plan = plan_tokens("hero", frames, emphasis_tokenizer)
+    assert plan.windowed
+    with pytest.raises(TokenSpanError, match=r"frame 4 \('scene 3 \("):
+        verify_token_plan(plan, emphasis_tokenizer)
+
+
+def test_spans_line_for_the_infotext():
+    plan = plan_tokens("a red fox", ["in the snow", "by a lake"], str.split)
+    assert plan.spans_line() == "SOT 0; identity 1-3; frames 4-6 7-9; EOT 10-76"
+    windowed = plan_tokens("hero", [f"s{i} " + "w " * 30 for i in range(3)], str.split)
+    assert windowed.spans_line() == "SOT 0; identity 1-1; windows 1@2-32+2 2@2-32+3 3@2-32+1; EOT after each window"

@@ -99,16 +99,20 @@ def _csa_groups(state, q, k, v, extra_options, layout, layer):
 
 
 def _ipca_groups(state, q, k, v, extra_options, layout, layer):
-    ids = state.identity_positions
-    if state.closed or not layout.known or k.shape[1] <= max(ids):
+    if state.closed or not layout.known:
         return None
     cond = [r for r, role in enumerate(layout.roles) if role is Role.COND]
     if not cond:
         return None
+    k_cond = k[cond]
+    columns = state.columns(k_cond)  # Forge repeats a 77-token cond batched with a longer uncond: every copy
+    if columns is None:
+        return None
     if state.dropout == 0:
-        return [(cond, append_identity_tokens(k[cond], ids), append_identity_tokens(v[cond], ids), None)]
-    bias = dropout_bias(state, layer or ("?", 0, 0), len(cond), q.shape[1], k.shape[1], q).unsqueeze(1)
-    return [(cond, k[cond], v[cond], bias)]
+        return [(cond, append_identity_tokens(k_cond, columns), append_identity_tokens(v[cond], columns), None)]
+    frames = [layout.frames[r] for r in cond]
+    bias = dropout_bias(state, layer or ("?", 0, 0), frames, q.shape[1], k.shape[1], columns, q).unsqueeze(1)
+    return [(cond, k_cond, v[cond], bias)]
 
 
 def csa_replace(attention: Attention):

@@ -32,8 +32,10 @@ from ..reference_bank import ReferenceBank
 from ..row_layout import UNKNOWN_LAYOUT, A1111RowCursor, a1111_step_plan
 from ..settings import Settings
 from ..story_run import FrameConditioning, StoryRunPlan, plan_consolidation, plan_story_run
+from ..token_plan import verify_token_plan
 from .forge import is_forge, patch_unet
-from .ui import STYLE_INFOTEXT_KEY
+from .tokenizers import model_tokenizers
+from .ui import SPANS_INFOTEXT_KEY, STYLE_INFOTEXT_KEY
 from .xyz import OVERRIDES_ATTR
 
 RUN_ATTRIBUTE = "consistent_story_generation"
@@ -154,9 +156,12 @@ def process(p) -> None:
         p.hr_prompt = p.all_hr_prompts[0]
 
 
+def _message(error: Exception) -> str:
+    return str(error) if str(error).startswith("Consistent Story") else f"Consistent Story: {error}"
+
+
 def _keep_error(p, error: Exception) -> None:
-    message = str(error) if str(error).startswith("Consistent Story") else f"Consistent Story: {error}"
-    generation = StoryGeneration(None, None, error=RuntimeError(message))
+    generation = StoryGeneration(None, None, error=RuntimeError(_message(error)))
     setattr(p, RUN_ATTRIBUTE, generation)
     _wrap_sampling(p, generation)
 
@@ -171,7 +176,10 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
         if generation.error is not None:
             raise generation.error
         try:
-            install(p, generation)  # inside the try: a half-done install is undone too
+            try:
+                install(p, generation)  # inside the outer try: a half-done install is undone too
+            except Exception as error:
+                raise RuntimeError(_message(error)) from error
             return original_sample(*args, **kwargs)
         finally:
             uninstall(p, generation)
@@ -187,16 +195,28 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
     p.sample, p.close = sample, close
 
 
-def _tokenizer(model):
-    """The host's prompt tokenizer (emphasis, embeddings) as ``text -> token positions`` (CLIP-L on SDXL)."""
-    if hasattr(model, "forge_objects"):
-        engine = getattr(model, "text_processing_engine_l", None) or model.text_processing_engine
-    else:
-        engine = model.conditioner.embedders[0] if getattr(model, "is_sdxl", False) else model.cond_stage_model
+def _unet_dtype() -> torch.dtype:
+    """The dtype the UNet computes in (``devices.dtype_unet`` on both hosts); fp8 weights compute in float16."""
+    dtype = getattr(devices, "dtype_unet", torch.float32)
+    return dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float16
 
-    def tokenize(text: str) -> range:
-        return range(engine.tokenize_line(text)[1])
-    return tokenize
+
+def _plan_conditioning(p, generation: StoryGeneration) -> FrameConditioning:
+    """Once per generation: token plan counted with the host's CLIP-L tokenizer, spans verified with every CLIP
+    tokenizer of the model (methods.md §2.8 step A2) and recorded in the infotext, then every frame encoded."""
+    settings, plan = generation.settings, generation.plan
+    tokenizers = model_tokenizers(p.sd_model)
+    if not tokenizers:
+        raise RuntimeError("the checkpoint has no CLIP tokenizer with tokenize_line; 1Prompt1Story cannot count "
+                           "its tokens")
+    style_text, _ = extra_networks.parse_prompt(plan.style)  # <lora:...> tags are not prompt text
+    token_plan = plan_consolidation(settings, plan.story, style_text, tokenizers[0][1])
+    for name, tokenize in tokenizers:
+        verify_token_plan(token_plan, tokenize, name)
+    p.extra_generation_params[SPANS_INFOTEXT_KEY] = token_plan.spans_line()
+    conditioning = FrameConditioning(settings, token_plan, _encoder(p, generation), _unet_dtype())
+    conditioning.contexts(range(plan.frame_count))  # one encoder call per generation
+    return conditioning
 
 
 def _encoder(p, generation: StoryGeneration):
@@ -219,10 +239,7 @@ def install(p, generation: StoryGeneration) -> None:
     forge = is_forge(p)
     if settings.consolidate:
         if generation.conditioning is None:
-            style_text, _ = extra_networks.parse_prompt(plan.style)  # <lora:...> tags are not prompt text
-            token_plan = plan_consolidation(settings, plan.story, style_text, _tokenizer(p.sd_model))
-            generation.conditioning = FrameConditioning(settings, token_plan, _encoder(p, generation))
-            generation.conditioning.contexts(range(plan.frame_count))  # one encoder call per generation
+            generation.conditioning = _plan_conditioning(p, generation)
         generation.batch_contexts = torch.stack(generation.conditioning.contexts(frames))
         if generation.pooled:
             token_plan = generation.conditioning.token_plan

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import html
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Sequence
 
 from ..settings import INFOTEXT_PREFIX, PRESETS, Settings, infotext_key, option, option_keys
 from ..story import StoryError, parse_story
-from ..token_plan import TokenBudgetError, Tokenizer, plan_tokens
+from ..token_plan import TokenBudgetError, Tokenizer, plan_tokens, verify_token_plan
+from .tokenizers import model_tokenizers
 
 GROUPS = ("general", "1Prompt1Story", "StoryDiffusion", "StorySync")  # the method groups of Option.group
 UNAVAILABLE_GROUPS = ("StorySync",)  # shown, but their controls are not interactive yet
 STYLE_INFOTEXT_KEY = INFOTEXT_PREFIX + "Style"  # the user's own prompt (style), written by the pipeline
+SPANS_INFOTEXT_KEY = INFOTEXT_PREFIX + "Token spans"  # 1Prompt1Story token positions, written by the pipeline
 PRESET_KEYS = tuple(k for k in option_keys() if any(k in values for values in PRESETS.values()))
 STORY_PLACEHOLDER = (
     "// one character: who the story is about, then one frame per line\n"
@@ -72,7 +74,7 @@ def build_ui(script: Any, is_img2img: bool) -> list:
                              outputs=[controls[k] for k in PRESET_KEYS], show_progress=False)
 
     def update_status(text: str, consolidate: bool, window: float) -> str:
-        return story_status(text, consolidate, window, host_tokenizer())
+        return story_status(text, consolidate, window, host_tokenizers())
 
     status_inputs = [controls["story"], controls["consolidate"], controls["window"]]
     for component in status_inputs:
@@ -112,8 +114,11 @@ def preset_updates(name: str) -> list:
     return [gr.update(value=values[k]) if k in values else gr.update() for k in PRESET_KEYS]
 
 
-def story_status(text: str, consolidate: bool, window: float, tokenize: Tokenizer | None) -> str:
-    """The HTML line under the story box: parse errors with their line, else frame count and token budget."""
+def story_status(text: str, consolidate: bool, window: float, tokenizers: Sequence[tuple[str, Tokenizer]]) -> str:
+    """The HTML line under the story box: parse errors with their line, else frame count and token budget.
+
+    ``tokenizers``: the model's (encoder name, tokenizer) pairs, CLIP-L first; the budget is counted with the
+    first and the spans verified with each, as generation does (the style text is added when generating)."""
     if not text or not text.strip():
         return ""
     try:
@@ -125,37 +130,31 @@ def story_status(text: str, consolidate: bool, window: float, tokenize: Tokenize
     if not story.shorthand:
         line += f", {len(story.characters)} character{'s' * (len(story.characters) != 1)}"
     if consolidate:
-        if tokenize is None:
+        if frames < 2:
+            return f"<p>&#9888; {html.escape(line)}; consolidation needs at least 2 frames: add a frame or turn " \
+                   f"'Consolidate' off</p>"
+        if not tokenizers:
             line += "; the token budget appears once a model is loaded"
         else:
             try:
-                line += "; " + plan_tokens(story.identity_prompt, [f.prompt for f in story.frames], tokenize,
-                                           window=int(window)).budget_line()
+                plan = plan_tokens(story.identity_prompt, [f.prompt for f in story.frames], tokenizers[0][1],
+                                   window=int(window))
+                for name, tokenize in tokenizers:
+                    verify_token_plan(plan, tokenize, name)
+                line += "; " + plan.budget_line()
             except TokenBudgetError as e:
                 return f"<p>&#9888; {html.escape(line)}; {html.escape(str(e))}</p>"
     return f"<p>{html.escape(line)}</p>"
 
 
-def host_tokenizer() -> Tokenizer | None:
-    """The loaded model's CLIP-L prompt tokenizer as ``text -> token positions``, or None without a model.
-
-    ``tokenize_line(text)`` returns ``(chunks, token_count)`` on A1111 (SD1: ``cond_stage_model``; SDXL: the
-    CLIP-L embedder ``conditioner.embedders[0]``) and on Forge (``text_processing_engine`` / ``_l``); it counts
-    emphasis and textual-inversion embeddings the way generation does.
-    """
+def host_tokenizers() -> list:
+    """(encoder name, tokenizer) of the loaded model's CLIP encoders (``tokenizers.model_tokenizers``); empty
+    without a WebUI or a model."""
     try:
         from modules import shared
     except ImportError:
-        return None
-    model = getattr(shared, "sd_model", None)
-    conditioner = getattr(model, "conditioner", None)
-    for clip in (getattr(model, "cond_stage_model", None),
-                 conditioner.embedders[0] if conditioner is not None else None,
-                 getattr(model, "text_processing_engine", None),
-                 getattr(model, "text_processing_engine_l", None)):
-        if hasattr(clip, "tokenize_line"):
-            return lambda text: range(clip.tokenize_line(text)[1])
-    return None
+        return []
+    return model_tokenizers(getattr(shared, "sd_model", None))
 
 
 def on_infotext_pasted(infotext: str, params: dict[str, Any]) -> None:

@@ -166,3 +166,31 @@ def test_img2img_story_from_one_init_image():
     info = json.loads(body["info"])
     assert len(body["images"]) == 4 and len(info["all_prompts"]) == 3
     assert "Story Enabled: True" in info["infotexts"][0]
+
+
+def test_token_spans_are_recorded_in_the_infotext():
+    body = txt2img(story_args(storyboard=False))
+    infotext = body["info"]["infotexts"][0]
+    # "watercolor, a small red fox with a white tail" then the three frames, in the host's own tokenisation
+    assert "Story Token spans: SOT 0; identity 1-" in infotext and "; frames " in infotext, infotext
+    assert infotext.count("Story Token spans") == 1
+
+
+def test_emphasis_running_across_two_lines_is_refused_naming_them():
+    story = "a small red fox (with a white tail\nruns through snow)\nsleeps in a hollow log"
+    status, body = call("/sdapi/v1/txt2img", {**BASE, "alwayson_scripts": {"consistent story": {"args": [
+        {"enabled": True, "story": story}]}}})
+    assert status >= 400
+    text = json.dumps(body)
+    assert "the identity prompt where it meets frame 1 ('runs through snow)')" in text.replace('\\"', '"'), text
+    assert "tokenises differently inside the consolidated prompt" in text
+    assert image_bytes(txt2img()) == image_bytes(txt2img())  # the WebUI is left as it was
+
+
+def test_one_frame_story_needs_consolidation_off():
+    one = "a small red fox with a white tail\nsleeps in a hollow log"
+    status, body = call("/sdapi/v1/txt2img", {**BASE, "alwayson_scripts": {"consistent story": {"args": [
+        {"enabled": True, "story": one}]}}})
+    assert status >= 400 and "at least 2 frames" in json.dumps(body) and "consolidate" in json.dumps(body)
+    single = txt2img([{"enabled": True, "story": one, "preset": "StoryDiffusion", "storyboard": False}])
+    assert len(single["images"]) == 1

@@ -1,0 +1,59 @@
+"""The loaded model's own prompt tokenizers, as the core's ``text -> tokens`` callables (A1111 1.10 and Forge).
+
+Host contract (hosts.md §2.1, §2.4): every CLIP text encoder wrapper has ``tokenize_line(text) -> (chunks,
+token_count)``, each chunk a ``PromptChunk`` of 77 ``tokens`` (SOT, 75 content tokens or padding, EOT), their
+emphasis ``multipliers`` and ``fixes`` (textual-inversion embeddings: ``offset`` into the content, ``embedding``
+with ``name`` and ``vectors``). A1111: SD1 ``cond_stage_model``, SDXL ``conditioner.embedders[0]`` (CLIP-L) and
+``[1]`` (OpenCLIP bigG). Forge: ``text_processing_engine`` (SD1.5) or ``text_processing_engine_l`` / ``_g`` (SDXL).
+Emphasis, embeddings, BREAK and comma back-tracking are therefore counted exactly as generation counts them.
+
+Each token becomes a comparable item ``(id, emphasis weight, embedding name or None)``, so that
+``verify_token_plan`` sees a shifted weight or embedding as well as a shifted id.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..token_plan import Tokenizer
+
+TokenItem = tuple[int, float, "str | None"]
+
+
+def _engines(model: Any) -> list[tuple[str, Any]]:
+    conditioner = getattr(model, "conditioner", None)
+    embedders = list(getattr(conditioner, "embedders", ()) or ())
+    candidates = [("CLIP-L", getattr(model, "text_processing_engine_l", None)),
+                  ("OpenCLIP bigG", getattr(model, "text_processing_engine_g", None)),
+                  ("CLIP", getattr(model, "text_processing_engine", None)),
+                  ("CLIP-L", embedders[0] if embedders else None),
+                  ("OpenCLIP bigG", embedders[1] if len(embedders) > 1 else None),
+                  ("CLIP", getattr(model, "cond_stage_model", None))]
+    found, seen = [], set()
+    for name, engine in candidates:
+        if hasattr(engine, "tokenize_line") and id(engine) not in seen:
+            seen.add(id(engine))
+            found.append((name, engine))
+    return found
+
+
+def token_items(engine: Any) -> Tokenizer:
+    """``text -> [(id, weight, embedding)]``: the content tokens ``engine.tokenize_line`` counts, in order."""
+    def tokenize(text: str) -> list[TokenItem]:
+        chunks, count = engine.tokenize_line(text)
+        items: list[TokenItem] = []
+        for chunk in chunks:
+            embedding_at = {}
+            for fix in chunk.fixes:
+                vectors = int(getattr(fix.embedding, "vectors", 1))
+                for j in range(vectors):
+                    embedding_at[fix.offset + j] = str(getattr(fix.embedding, "name", fix.embedding))
+            content = len(chunk.tokens) - 2  # without SOT and EOT
+            items += [(int(chunk.tokens[j + 1]), float(chunk.multipliers[j + 1]), embedding_at.get(j))
+                      for j in range(content)]
+        return items[:count]  # the last chunk's padding is not counted
+    return tokenize
+
+
+def model_tokenizers(model: Any) -> list[tuple[str, Tokenizer]]:
+    """(encoder name, tokenizer) of every CLIP text encoder of ``model``, CLIP-L first; empty without a model."""
+    return [(name, token_items(engine)) for name, engine in _engines(model)] if model is not None else []
