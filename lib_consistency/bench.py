@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 10 CUDA, 3 CPU)")
     parser.add_argument("--side-divisor", type=int, default=None,
                         help="divide every token-grid side (default 1 on CUDA, 2 on CPU: a quarter of the tokens)")
+    parser.add_argument("--only", choices=("csa", "storysync"), default=None,
+                        help="run one part (default: CSA, then StorySync: bench_storysync)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
@@ -223,12 +225,16 @@ def main(argv: list[str] | None = None) -> None:
     memory = "CUDA max_memory_allocated" if on_cuda else "peak bytes of tensors allocated by aten ops (dispatch ledger)"
     print(f"device {device} ({torch.get_num_threads()} CPU threads), dtype {str(dtype).removeprefix('torch.')}, "
           f"{repeats} shared runs between {repeats + 1} plain runs, token-grid sides divided by {divisor}")
-    print("plain = the module without hook; shared = hook installed, all frames share; "
-          "time x = median of shared / neighbouring plain runs")
-    print(f"memory: {memory}; extra/exp = extra peak over plain / (extended context + extra K/V + gather index)")
-    worst, worst_memory = run(device, dtype, repeats, divisor)
-    print(f"worst extra memory / (extended context + extra K/V + index): {worst_memory:.2f}")
-    print(f"worst time ratio / FLOPs bound: {worst:.2f}")
+    if args.only != "storysync":
+        print("plain = the module without hook; shared = hook installed, all frames share; "
+              "time x = median of shared / neighbouring plain runs")
+        print(f"memory: {memory}; extra/exp = extra peak over plain / (extended context + extra K/V + gather index)")
+        worst, worst_memory = run(device, dtype, repeats, divisor)
+        print(f"worst extra memory / (extended context + extra K/V + index): {worst_memory:.2f}")
+        print(f"worst time ratio / FLOPs bound: {worst:.2f}")
+    if args.only != "csa":
+        from .bench_storysync import run as run_storysync  # it imports this module, so not at the top
+        run_storysync(device, dtype, repeats, divisor)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "StoryDiffusion": dict(consolidate=False, reweighting="none", ipca=False, csa=True, csa_rate=0.5,
                            csa_schedule="official", masked_sharing=False),
     "StorySync": dict(consolidate=False, reweighting="none", ipca=False, csa=True, csa_rate=1.0,
-                      csa_schedule="always", masked_sharing=True),
+                      csa_schedule="always", csa_layers="up", reference_frames=2, masked_sharing=True),
     "Combined": dict(consolidate=True, reweighting="svr", ipca=True, csa=True, csa_rate=0.5,
                      csa_schedule="official", masked_sharing=False),
     "Custom": {},
@@ -115,6 +115,21 @@ class Settings:
                                   minimum=0.0, maximum=1.0, step=0.05)
     bli_strength: float = _option(0.7, "BLI strength", "Base layout interpolation", "StorySync",
                                   minimum=0.0, maximum=1.0, step=0.05)
+    # --- appended later (positional API order is a contract: new options go at the end) ---
+    share_dropout: float = _option(0.0, "Sharing dropout", "Sharing dropout (peer subject tokens)", "StorySync",
+                                   minimum=0.0, maximum=1.0, step=0.05)
+    rfh_dropout: float = _option(0.0, "RFH dropout", "RFH dropout (subject positions)", "StorySync",
+                                 minimum=0.0, maximum=1.0, step=0.05)
+    rfh_start: float = _option(0.1, "RFH start", "RFH from (fraction of the steps)", "StorySync",
+                               minimum=0.0, maximum=1.0, step=0.01)
+    rfh_end: float = _option(0.33, "RFH end", "RFH until (fraction of the steps)", "StorySync",
+                             minimum=0.0, maximum=1.0, step=0.01)
+    bli_steps: float = _option(0.1, "BLI steps", "BLI window (fraction of the steps)", "StorySync",
+                               minimum=0.0, maximum=1.0, step=0.01,
+                               info="a vanilla pre-pass with the same seeds over these first steps")
+    bli_inputs: bool = _option(False, "BLI inputs", "BLI blends Q, K and V inputs (off: queries only)", "StorySync")
+    bli_cache_on_cpu: bool = _option(False, "BLI cache on CPU", "Keep the BLI cache on the CPU", "StorySync")
+    show_masks: bool = _option(False, "Show masks", "Add one subject-mask image per frame", "StorySync")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -127,6 +142,8 @@ class Settings:
                                 "or 'ipca' off")
         if self.masked_sharing and not self.csa:
             raise SettingsError("masked_sharing", "masks the consistent self-attention; turn 'csa' on")
+        if self.rfh_end < self.rfh_start:
+            raise SettingsError("rfh_end", f"{self.rfh_end} ends the RFH window before it starts ({self.rfh_start})")
         if 0 < self.frames_per_batch < self.reference_frames:
             raise SettingsError("reference_frames", f"{self.reference_frames} reference frames do not fit in a "
                                 f"first batch of {self.frames_per_batch} frames")

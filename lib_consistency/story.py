@@ -5,14 +5,14 @@ non-space characters are ``//`` are ignored everywhere.
 
 Single-character shorthand (the 1Prompt1Story form; no line is ``---``)::
 
-    a photo of a red fox                       <- identity prompt (the implicit character "main")
+    a photo of a red fox | fox                 <- identity prompt (the implicit character "main"), subject words
     sitting in the snow                        <- one frame per line, each showing "main"
     [NC] an empty forest at dawn # the end     <- [NC]: no character; text after " # " is the caption
 
 Named characters (StoryDiffusion-style comics)::
 
     Bob: a man with a beard, blue coat         <- ``Name: description``, at most MAX_CHARACTERS lines
-    Alice: a woman with red hair
+    Alice: a woman with red hair | woman, hair <- optional: her subject words, after " | "
     ---
     [Bob] reading a newspaper # Monday
     [Bob] and [Alice] having lunch             <- several tags; order of first appearance
@@ -29,6 +29,11 @@ Rules:
   Tags inside the caption are caption text.
 - Names start with a letter, then letters, digits, ``_``, ``-`` or spaces, at most 32 characters; ``NC`` is reserved
   and names are unique regardless of case.
+- Subject words (StorySync's subject tokens, paper §3.1; methods.md §5.1 step 1): a description or the identity
+  line may end with `` | `` (space, bar, space) and a comma-separated list of at most MAX_SUBJECT_WORDS words or
+  short phrases, each occurring in the description as whole words (case-insensitive). They are not prompt text.
+  Without them every content word of the description is the subject (``subject_tokens.FUNCTION_WORDS`` are left
+  out). Only `` | `` with spaces separates: A1111's ``[a|b]`` stays prompt text, and frame lines keep `` | `` as text.
 - Limits: at most MAX_FRAMES (100) frames and MAX_CHARACTERS (8) characters; every prompt text (identity line,
   description, frame prompt) at most MAX_PROMPT_CHARS (1000) characters. Descriptions and the identity line take no
   tags and no caption; no prompt text may contain `` # ``, start with ``//`` or be ``---`` (it would not read back).
@@ -38,12 +43,16 @@ JSON form (any ``str`` starting with ``{`` is read as JSON, so put a ``//`` comm
     {"characters": {"Bob": "a man ...", "Alice": "a woman ..."},
      "frames": [{"prompt": "having lunch", "characters": ["Bob", "Alice"], "caption": "Monday"},
                 "[NC] a rainy street # the end"]}
-    {"identity": "a photo of a red fox",
+    {"identity": "a photo of a red fox", "subject": ["fox"],
      "frames": [{"prompt": "in the snow"}, {"prompt": "a forest", "characters": []}]}
+
+A character's value is its description (a string, read like a text description line, so `` | `` works there too)
+or ``{"description": "...", "subject": ["word", ...]}``; the shorthand's ``"subject"`` sits beside ``"identity"``
+(an empty list means the default rule).
 
 A frame is an object (``characters`` may be omitted only in the shorthand, meaning ``["main"]``; ``[]`` means no
 character) or a string read like a text frame line. Errors name the field path, e.g. ``frames[3].characters[1]``
-or ``characters.Bob``. Every malformed input raises ``StoryError``; nothing is guessed. Build stories with
+or ``characters.Bob.subject[0]``. Every malformed input raises ``StoryError``; nothing is guessed. Build stories with
 ``parse_story`` (``Story`` itself does not validate).
 """
 from __future__ import annotations
@@ -62,6 +71,8 @@ NO_CHARACTER_TAG = "NC"
 SHORTHAND_CHARACTER = "main"  # the implicit character of the single-character shorthand
 SEPARATOR = "---"
 CAPTION_MARKER = " # "
+SUBJECT_MARKER = " | "
+MAX_SUBJECT_WORDS = 16
 
 _NAME = re.compile(r"[^\W\d_][\w\- ]*")
 _TAG = re.compile(r"\[\s*([^\W\d_][\w\- ]*?)\s*\]")
@@ -89,6 +100,7 @@ def _error(where: _Where, problem: str) -> StoryError:
 class Character:
     name: str
     description: str  # prompt text describing the character, e.g. "a man with a beard, blue coat"
+    subject: tuple[str, ...] = ()  # chosen subject words/phrases, each in the description; () = the default rule
 
 
 @dataclass(frozen=True)
@@ -129,8 +141,8 @@ class Story:
 
     def to_text(self) -> str:
         """The text form: the shorthand for shorthand stories, the named form otherwise."""
-        lines = [self.identity_prompt] if self.shorthand else \
-            [f"{c.name}: {c.description}" for c in self.characters] + [SEPARATOR]
+        lines = [_with_subject(c) for c in self.characters[:1]] if self.shorthand else \
+            [f"{c.name}: {_with_subject(c)}" for c in self.characters] + [SEPARATOR]
         for f in self.frames:
             tags = "" if self.shorthand and f.characters else \
                 "".join(f"[{n}] " for n in f.characters or (NO_CHARACTER_TAG,))
@@ -139,8 +151,12 @@ class Story:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form as plain data; ``parse_story(story.to_dict()) == story``."""
-        head: dict[str, Any] = {"identity": self.identity_prompt} if self.shorthand else \
-            {"characters": {c.name: c.description for c in self.characters}}
+        if self.shorthand:
+            chosen = [w for c in self.characters[:1] for w in c.subject]
+            head: dict[str, Any] = {"identity": self.identity_prompt, **({"subject": chosen} if chosen else {})}
+        else:
+            head = {"characters": {c.name: {"description": c.description, "subject": list(c.subject)} if c.subject
+                                   else c.description for c in self.characters}}
         frames = [{"prompt": f.prompt, "characters": list(f.characters),
                    **({"caption": f.caption} if f.caption else {})} for f in self.frames]
         return {**head, "frames": frames}
@@ -202,8 +218,46 @@ def _check_text(text: str, where: _Where, what: str) -> str:
     return text
 
 
-def _define(cast: _Cast, name: str, description: str, where: _Where) -> None:
-    """Add one named character to ``cast``, checking its name, its description and the character limit."""
+def _with_subject(character: Character) -> str:
+    """The description as a text-form line reads it: ``description | word, word`` when words were chosen."""
+    words = SUBJECT_MARKER + ", ".join(character.subject) if character.subject else ""
+    return character.description + words
+
+
+def _character(name: str, text: str, where: _Where, what: str, whose: str,
+               listed: list[Any] | None = None, listed_where: str | None = None) -> Character:
+    """A checked character from its description ``text`` (optionally ending in `` | word, word``) and, in the JSON
+    object form, the ``listed`` subject words at ``listed_where``. ``what``/``whose`` name the text in messages."""
+    body, bar, tail = f" {_clean(text)} ".partition(SUBJECT_MARKER)
+    description = _check_text(body, where, what)
+    if bar and listed is not None:
+        raise _error(listed_where, f"subject words are given twice: after ' | ' in {whose} and in 'subject'")
+    if bar and not _clean(tail):
+        raise _error(where, f"nothing after ' | ' in {whose}: list the subject words or remove the bar")
+    words = tail.split(",") if bar else list(listed or [])
+    places = [where] * len(words) if bar else [f"{listed_where}[{j}]" for j in range(len(words))]
+    if len(words) > MAX_SUBJECT_WORDS:
+        raise _error(where if bar else listed_where, f"{len(words)} subject words for {whose}; the limit is "
+                                                     f"{MAX_SUBJECT_WORDS} (MAX_SUBJECT_WORDS)")
+    subject: list[str] = []
+    for k, (word, place) in enumerate(zip(words, places), 1):
+        word = _clean(_expect(word, str, place))
+        if not word:
+            raise _error(place, f"subject word {k} of {whose} is empty")
+        if "," in word:  # only a JSON item can hold one; it would not read back as text
+            raise _error(place, f"subject word {word!r} contains ','; list each word or phrase separately")
+        if not re.search(rf"(?<![^\W_]){re.escape(word)}(?![^\W_])", description, re.IGNORECASE):
+            raise _error(place, f"subject word {word!r} is not in {whose} {description!r}")
+        if word.casefold() in (w.casefold() for w in subject):
+            raise _error(place, f"subject word {word!r} is listed twice for {whose}")
+        subject.append(word)
+    return Character(name, description, tuple(subject))
+
+
+def _define(cast: _Cast, name: str, description: str, where: _Where, listed: list[Any] | None = None,
+            text_where: str | None = None) -> None:
+    """Add one named character to ``cast``, checking its name, its description (at ``text_where``, default
+    ``where``), its subject words and the character limit."""
     name = _clean(name)
     if not _NAME.fullmatch(name) or len(name) > MAX_NAME_CHARS:
         raise _error(where, f"invalid character name {name!r}: a name starts with a letter, then letters, digits, "
@@ -214,11 +268,14 @@ def _define(cast: _Cast, name: str, description: str, where: _Where) -> None:
         raise _error(where, f"character {name!r} is defined twice (names are case-insensitive)")
     if len(cast) == MAX_CHARACTERS:
         raise _error(where, f"more than {MAX_CHARACTERS} characters (MAX_CHARACTERS)")
-    cast[name.casefold()] = Character(name, _check_text(description, where, f"description of {name}"))
+    text_where = where if text_where is None else text_where
+    cast[name.casefold()] = _character(name, description, text_where, f"description of {name}",
+                                       f"{name}'s description", listed, f"{where}.subject")
 
 
-def _shorthand_cast(identity: str, where: _Where) -> _Cast:
-    return {SHORTHAND_CHARACTER: Character(SHORTHAND_CHARACTER, _check_text(identity, where, "identity prompt"))}
+def _shorthand_cast(identity: str, where: _Where, listed: list[Any] | None = None) -> _Cast:
+    return {SHORTHAND_CHARACTER: _character(SHORTHAND_CHARACTER, identity, where, "identity prompt",
+                                            "the identity prompt", listed, "subject")}
 
 
 def _resolve(cast: _Cast, name: str, where: _Where, shown: str) -> str:
@@ -323,18 +380,26 @@ def _frame_from_object(item: dict[str, Any], cast: _Cast, shorthand: bool, path:
 
 
 def _parse_json(data: dict[str, Any]) -> Story:
-    _check_keys(data, ("characters", "identity", "frames"), "")
+    _check_keys(data, ("characters", "identity", "subject", "frames"), "")
     if ("characters" in data) == ("identity" in data):
         raise StoryError("give either 'characters' (named characters) or 'identity' (single character), "
                          + ("not both" if "identity" in data else "found neither"))
     shorthand = "identity" in data
     if shorthand:
-        cast = _shorthand_cast(_get(data, "identity", str, ""), "identity")
+        cast = _shorthand_cast(_get(data, "identity", str, ""), "identity", _get(data, "subject", list, "", None))
     else:
+        if "subject" in data:
+            raise _error("subject", "'subject' goes beside 'identity'; give a named character's subject words as "
+                                    "{\"description\": \"...\", \"subject\": [...]}")
         cast = {}
-        for name, description in _get(data, "characters", dict, "").items():
+        for name, value in _get(data, "characters", dict, "").items():
             where = f"characters.{name}"
-            _define(cast, _expect(name, str, where), _expect(description, str, where), where)
+            if isinstance(value, dict):
+                _check_keys(value, ("description", "subject"), where)
+                _define(cast, name, _get(value, "description", str, where), where,
+                        _get(value, "subject", list, where, None), f"{where}.description")
+            else:
+                _define(cast, name, _expect(value, str, where), where)
         if not cast:
             raise _error("characters", "no characters defined")
     items = _get(data, "frames", list, "")

@@ -14,7 +14,20 @@ import torch
 
 MODULE_NAMES = ("modules", "modules.devices", "modules.extra_networks", "modules.images", "modules.processing",
                 "modules.prompt_parser", "modules.sd_unet", "modules.shared", "modules.scripts",
-                "modules.script_callbacks")
+                "modules.script_callbacks", "modules.rng")
+
+
+class ImageRNG:
+    """``modules.rng.ImageRNG``: one generator per seed; ``next()`` draws the batch's noise and advances them."""
+
+    def __init__(self, shape, seeds, subseeds=None, subseed_strength=0.0, seed_resize_from_h=0,
+                 seed_resize_from_w=0):
+        self.shape, self.seeds, self.subseeds, self.subseed_strength = tuple(shape), seeds, subseeds, subseed_strength
+        self.seed_resize_from_h, self.seed_resize_from_w = seed_resize_from_h, seed_resize_from_w
+        self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+    def next(self):
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
 
 
 def stub_modules() -> dict[str, types.ModuleType]:
@@ -36,6 +49,10 @@ def stub_modules() -> dict[str, types.ModuleType]:
     opts = types.SimpleNamespace(data={}, skip_early_cond=0.0, s_min_uncond_all=False, grid_save=False,
                                  grid_format="png")
     mods["modules.shared"].opts = opts
+    mods["modules.shared"].state = types.SimpleNamespace(sampling_step=0, sampling_steps=0, current_latent=None,
+                                                         current_image_sampling_step=0)
+    mods["modules.shared"].total_tqdm = types.SimpleNamespace(update=lambda: None)
+    mods["modules.rng"].ImageRNG = ImageRNG
     mods["modules.scripts"].Script = type("Script", (), {})
     mods["modules.scripts"].AlwaysVisible = object()
     for name in MODULE_NAMES[1:]:
@@ -91,7 +108,8 @@ class ToyTransformer(torch.nn.Module):
 
 
 class ToyUNet(torch.nn.Module):
-    """ldm names: input_blocks.1.1 at the latent size, output_blocks.3.1 at latent/2 (image/16)."""
+    """ldm names: input_blocks.1.1 at the latent size, middle_block.1 at latent/4 (StorySync's mask level),
+    output_blocks.3.1 at latent/2 (image/16), in that order."""
 
     def __init__(self, channels: int = 8, context_dim: int = 16) -> None:
         super().__init__()
@@ -99,13 +117,15 @@ class ToyUNet(torch.nn.Module):
         self.input_blocks = torch.nn.ModuleList([torch.nn.Conv2d(4, channels, 1),
                                                  torch.nn.ModuleList([torch.nn.Identity(),
                                                                       ToyTransformer(channels, context_dim)])])
+        self.middle_block = torch.nn.ModuleList([torch.nn.Identity(), ToyTransformer(channels, context_dim)])
         self.output_blocks = torch.nn.ModuleList([torch.nn.Identity() for _ in range(3)] + [
             torch.nn.ModuleList([torch.nn.Identity(), ToyTransformer(channels, context_dim)])])
         self.out = torch.nn.Conv2d(channels, 4, 1)
 
     def forward(self, x, timesteps=None, context=None):
         h = self.input_blocks[1][1](self.input_blocks[0](x), context)
-        low = torch.nn.functional.avg_pool2d(h, 2)
+        mid = self.middle_block[1](torch.nn.functional.avg_pool2d(h, 4), context)
+        low = torch.nn.functional.avg_pool2d(h, 2) + torch.nn.functional.interpolate(mid, scale_factor=2.0)
         low = self.output_blocks[3][1](low, context)
         return self.out(h + torch.nn.functional.interpolate(low, size=h.shape[-2:]))
 
@@ -156,6 +176,7 @@ class ToyProcessing:
         self.do_not_save_grid, self.outpath_grids, self.main_prompt = True, "", prompt
         self.closed = False
         self.seen_conds: list[torch.Tensor] = []
+        self.rng = None  # set per batch like process_images_inner; None: fixed noise
 
     def close(self):
         self.closed = True
@@ -166,7 +187,8 @@ class ToyProcessing:
             if isinstance(self.prompt, list) else [self.prompt] * self.batch_size
         model, unet = self.sd_model, self.sd_model.model.diffusion_model
         cond, uncond = model.cond_stage_model.encode(prompts), model.cond_stage_model.encode([""] * len(prompts))
-        x = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        x = self.rng.next() if self.rng is not None else \
+            torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
         denoiser = types.SimpleNamespace(p=self, step=0, total_steps=self.steps)
         for step in range(self.steps):
             if fail_at_step == step:

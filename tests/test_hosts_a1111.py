@@ -199,13 +199,52 @@ def test_hypertile_is_fine_without_shared_self_attention(monkeypatch, clip_token
     assert isinstance(p.prompt, list)
 
 
-def test_storysync_is_refused_until_available(host):
+NAMED = "Bob: a tall man with red hair | man, hair\nAlice: a girl in a blue scarf\n---\n[Bob] reads # One\n" \
+        "[Alice] runs\n[Bob] [Alice] talk\n[NC] rain"
+
+
+@pytest.mark.parametrize("values", [dict(preset="StorySync"),
+                                    dict(preset="StorySync", story=NAMED, bli_inputs=True, share_dropout=0.3,
+                                         rfh_dropout=0.2, rfh_start=0.0, rfh_end=1.0),
+                                    dict(preset="Combined", masked_sharing=True, csa_layers="up", rfh_start=0.0)])
+def test_storysync_runs_with_its_prepass_and_leaves_nothing_behind(host, values):
+    from tests.fake_webui import ImageRNG
+    a1111, model = host
+    unet = model.model.diffusion_model
+    before_state = module_state(unet)
+    plain_before = ToyProcessing(model).sample(a1111.on_cfg_denoiser)
+    p = ToyProcessing(model, steps=4)
+    a1111.before_process(p, args_for(**values))
+    p.rng = ImageRNG((4, 8, 8), p.seed[:p.batch_size])
+    story_out = p.sample(a1111.on_cfg_denoiser)
+    state = getattr(p, a1111.RUN_ATTRIBUTE).storysync
+    assert state is not None and state.masks and len(state.bli_cache) > 0  # masks built, BLI window recorded
+    twin = ImageRNG((4, 8, 8), p.seed[:p.batch_size])
+    twin.next()  # the real sampling drew once from p.rng; the pre-pass drew from its own twin
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(p.rng.generators, twin.generators))
+    assert len(p.seen_conds) == 4 + 2  # pre-pass: its window (1 of 4 steps at 0.1), then the call it stops in
+    assert module_state(unet) == before_state
+    assert torch.equal(ToyProcessing(model).sample(a1111.on_cfg_denoiser), plain_before)
+    reference = ToyProcessing(model, steps=4)
+    reference.prompt, reference.batch_size = list(p.prompt), p.batch_size
+    reference.rng = ImageRNG((4, 8, 8), p.seed[:p.batch_size])
+    assert not torch.allclose(story_out, reference.sample(lambda params: None))
+    p.close()
+    assert state.closed and len(state.bli_cache) == 0 and state.bank.bytes_held == 0
+
+
+def test_storysync_masks_follow_the_subject_words_and_bad_words_are_refused(host):
     a1111, model = host
     p = ToyProcessing(model)
-    a1111.before_process(p, args_for(preset="StorySync"))
-    with pytest.raises(RuntimeError, match=r"masked sharing \(StorySync\) is not available yet"):
-        p.sample(a1111.on_cfg_denoiser)
-    assert not p.seen_conds
+    a1111.before_process(p, args_for(preset="StorySync", story=NAMED, bli_strength=0.0))
+    p.sample(a1111.on_cfg_denoiser)
+    state = getattr(p, a1111.RUN_ATTRIBUTE).storysync
+    assert set(state.masks) == {0, 1, 2}  # [NC] has no character, so no mask
+    assert set(state.masks[2][1]) == {"Alice", "Bob"} and state.masks[2][0] == (2, 2)  # middle block: latent/4
+    q = ToyProcessing(model)
+    a1111.before_process(q, args_for(preset="StorySync", story=NAMED.replace("| man, hair", "| tail")))
+    with pytest.raises(RuntimeError, match=r"story line 1: subject word 'tail' is not in"):
+        q.sample(a1111.on_cfg_denoiser)
 
 
 def test_forge_model_that_is_not_a_unet_is_refused(host):
@@ -258,3 +297,28 @@ def test_one_frame_story_with_consolidation_is_refused(host):
     q = ToyProcessing(model)
     run(a1111, q, args_for(story="a small red fox\nsleeps in a log", preset="StoryDiffusion"))
     assert q.prompt == ["watercolor, a small red fox, sleeps in a log"] and len(q.seen_conds) == q.steps
+
+
+def test_postprocess_appends_the_storyboard_then_one_mask_image_per_frame_with_a_character(host):
+    import types as _types
+    from PIL import Image
+    a1111, model = host
+    p = ToyProcessing(model)
+    a1111.before_process(p, args_for(preset="StorySync", story=NAMED, bli_strength=0.0, show_masks=True))
+    p.sample(a1111.on_cfg_denoiser)
+    state = getattr(p, a1111.RUN_ATTRIBUTE).storysync
+    frames = [Image.new("RGB", (32, 32), (250, 250, 250)) for _ in range(4)]
+    processed = _types.SimpleNamespace(images=list(frames), infotexts=[f"frame {i}" for i in range(4)],
+                                       index_of_first_image=0, seed=1)
+    masks = {f: state.masks[f] for f in (0, 1, 2)}
+    a1111.postprocess(p, processed)
+    assert len(processed.images) == 4 + 1 + 3 and processed.infotexts[5:] == ["frame 0", "frame 1", "frame 2"]
+    assert state.closed
+    for frame, image in zip((0, 1, 2), processed.images[5:]):
+        grid, by_character = masks[frame]
+        pixels = image.load()
+        for name, mask in by_character.items():
+            for cell, inside in enumerate(mask.tolist()):
+                y, x = divmod(cell, grid[1])
+                centre = pixels[x * 32 // grid[1] + 32 // grid[1] // 2, y * 32 // grid[0] + 32 // grid[0] // 2]
+                assert (centre != (250, 250, 250)) is inside or len(by_character) > 1  # tinted exactly where True

@@ -55,6 +55,10 @@ class FakeUnetPatcher:
     def set_transformer_option(self, key, value):
         self.model_options["transformer_options"][key] = value
 
+    def set_model_attn1_output_patch(self, patch):
+        patches = self.model_options["transformer_options"].setdefault("patches", {})
+        patches["attn1_output_patch"] = patches.get("attn1_output_patch", []) + [patch]
+
     def set_memory_peak_estimation_modifier(self, modifier):
         self.model_options["memory_peak_estimation_modifier"] = modifier
 
@@ -187,3 +191,51 @@ def test_ipca_replace_dropout_follows_the_frame_and_handles_a_tiled_cond():
         tiled = context.repeat(1, 2, 1)
         repeated = patch(module.to_q(x), module.to_k(tiled), module.to_v(tiled), options)
     torch.testing.assert_close(repeated, single, rtol=1e-5, atol=1e-5)
+
+
+def test_storysync_patches_are_registered_and_subject_maps_equal_the_module_hook():
+    """With StorySync: attn1 replace + output patch + an attn2 patch that adds the subject maps; the maps the Forge
+    patch adds equal those of the A1111 hook on the same cross-attention module."""
+    from lib_consistency.hosts.forge import storysync_output_patch
+    from lib_consistency.story_sync import StorySyncSettings, StorySyncState
+    from lib_consistency.storysync_hooks import install_storysync_hooks
+
+    def storysync_state():
+        state = StorySyncState(StorySyncSettings(), 3, {0: frozenset({"a"}), 1: frozenset({"a"})},
+                               {0: {"a": (1, 2)}, 1: {"a": (2, 3)}})
+        state.begin_step(0, 1, 10, 3.0)
+        return state
+
+    original = FakeUnetPatcher()
+    p = forge_p(original)
+    gen = generation(csa=False, batch_size=2)
+    gen.storysync = storysync_state()
+    for _ in range(2):
+        p.sd_model.forge_objects.unet = original
+        patch_unet(p, gen, attention_function)
+    options = p.sd_model.forge_objects.unet.model_options
+    assert {k: len(v) for k, v in options["transformer_options"]["patches_replace"].items()} == {"attn1": 768,
+                                                                                                "attn2": 768}
+    assert options["transformer_options"]["patches"]["attn1_output_patch"] == [storysync_output_patch]
+    assert options["transformer_options"][TRANSFORMER_OPTION].storysync is gen.storysync
+
+    torch.manual_seed(7)
+    module = ToyAttention(8, 12)
+    x, context = torch.randn(4, 16, 8), torch.randn(4, 77, 12)
+    layer = ("middle", 0, 0)  # 16 tokens on a 16x16 latent: latent/4, the mask level
+    hook_state = storysync_state()
+    hook_state.begin_unet_call(RowLayout((0, 1, 0, 1), (Role.COND,) * 2 + (Role.UNCOND,) * 2), (16, 16))
+    install_storysync_hooks([], [(layer, module)], hook_state)
+    with torch.no_grad():
+        hooked = module(x, context=context)
+        remove_stale_hooks(module)
+        forge_state = storysync_state()
+        forge_options = {**extra_options([0, 1], 2), TRANSFORMER_OPTION: ForgeRunState(None, gen.ipca, 0, forge_state),
+                         "block": layer[:2], "block_index": layer[2], "original_shape": [4, 4, 16, 16]}
+        patch = options["transformer_options"]["patches_replace"]["attn2"][("middle", 0, 0)]
+        forge_out = module.to_out(patch(module.to_q(x), module.to_k(context), module.to_v(context), forge_options))
+    hook_maps, forge_maps = hook_state._accumulator.mean_maps(), forge_state._accumulator.mean_maps()
+    assert set(hook_maps) == set(forge_maps) == {0, 1}
+    for frame in (0, 1):
+        torch.testing.assert_close(forge_maps[frame], hook_maps[frame], rtol=1e-5, atol=1e-6)
+    assert forge_out.shape == hooked.shape

@@ -80,7 +80,7 @@ def test_components_follow_option_keys(built):
                 (opt.minimum, opt.maximum, opt.step)
         else:
             assert kind == "Textbox"
-        assert component.kwargs.get("interactive") is (False if opt.group == "StorySync" else None)
+        assert component.kwargs.get("interactive") is None  # every method is available
     assert components[option_keys().index("story")].kwargs["lines"] == 8
 
 

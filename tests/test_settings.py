@@ -34,6 +34,7 @@ def random_settings(rng: random.Random) -> Settings:
     values["csa"] = values["csa"] or values["masked_sharing"]
     if 0 < values["frames_per_batch"] < values["reference_frames"]:
         values["reference_frames"] = values["frames_per_batch"]
+    values["rfh_start"], values["rfh_end"] = sorted((values["rfh_start"], values["rfh_end"]))
     return Settings(**values)
 
 
@@ -154,3 +155,15 @@ def test_with_value_checks_like_the_api():
         Settings().with_value("nope", 1)
     with pytest.raises(SettingsError, match="out of range"):
         Settings().with_value("ipca_dropout", 3)
+
+
+def test_storysync_options_are_appended_after_the_original_28():
+    keys = option_keys()
+    assert keys[24:28] == ("masked_sharing", "mask_dropout", "rfh_strength", "bli_strength")
+    assert keys[28:] == ("share_dropout", "rfh_dropout", "rfh_start", "rfh_end", "bli_steps", "bli_inputs",
+                         "bli_cache_on_cpu", "show_masks")
+    assert all(option(k).group == "StorySync" for k in keys[24:])
+    with pytest.raises(SettingsError, match="'rfh_end': 0.05 ends the RFH window before it starts"):
+        Settings(rfh_start=0.1, rfh_end=0.05)
+    storysync = Settings().with_preset("StorySync")
+    assert storysync.csa_layers == "up" and storysync.masked_sharing and storysync.csa_rate == 1.0

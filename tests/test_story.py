@@ -361,3 +361,190 @@ def test_story_error_is_a_value_error_with_message():
     assert isinstance(error, ValueError)
     assert str(error) == "story line 4: unknown character tag [Bobb] (defined: Alice, Bob)"
     assert str(StoryError("bad", field="frames[2].prompt")) == "story field frames[2].prompt: bad"
+
+
+# --- subject words (StorySync subject tokens) ----------------------------------------------------------------------
+
+SUBJECTS = """\
+Bob: a tall man with red hair | man, Red Hair
+Alice: a woman in a [red|blue] dress
+---
+[Bob] waits | patiently [a|b] # one
+[Alice] [Bob] talk
+"""
+
+
+def test_subject_words_named_form():
+    story = parse_story(SUBJECTS)
+    assert story.characters == (Character("Bob", "a tall man with red hair", ("man", "Red Hair")),
+                                Character("Alice", "a woman in a [red|blue] dress"))
+    assert story.frames[0].prompt == "waits | patiently [a|b]"  # ' | ' in a frame line stays prompt text
+    assert story.frame_prompt(0) == "a tall man with red hair, waits | patiently [a|b]"
+    assert story.identity_prompt == "a tall man with red hair and a woman in a [red|blue] dress"
+
+
+def test_subject_words_shorthand_and_spacing():
+    story = parse_story("a small red fox with a white tail | fox\nruns | jumps")
+    assert story.characters == (Character("main", "a small red fox with a white tail", ("fox",)),)
+    assert story.frames[0].prompt == "runs | jumps"
+    spaced = parse_story("a small  fox with no tail \t|\t small  fox ,  tail \nx").characters[0]
+    assert (spaced.description, spaced.subject) == ("a small fox with no tail", ("small fox", "tail"))
+    for text in ("a [fox|cat]\nx", "a fox|fox\nx", "a fox |fox\nx", "a fox| fox\nx"):  # no ' | ': prompt text
+        character = parse_story(text).characters[0]
+        assert character.subject == () and character.description == text.split("\n")[0]
+
+
+@pytest.mark.parametrize("description, word, found", [
+    ("a tall man with red hair", "MAN", True),
+    ("a tall man with red hair", "red hair", True),
+    ("a tall man with red hair", "ma", False),
+    ("a tall man with red hair", "hair red", False),
+    ("a white-tipped tail", "white", True),
+    ("a white-tipped tail", "white-tipped tail", True),
+    ("a fox_cub", "fox", True),
+    ("foxes", "fox", False),
+    ("24 cats", "2", False),
+])
+def test_subject_words_must_occur_as_whole_words(description, word, found):
+    text = f"Bob: {description} | {word}\n---\n[Bob] x"
+    if found:
+        assert parse_story(text).characters[0].subject == (word,)
+    else:
+        with pytest.raises(StoryError, match=f"subject word '{word}' is not in Bob's description"):
+            parse_story(text)
+
+
+def test_subject_words_limit_at_the_boundary():
+    from lib_consistency.story import MAX_SUBJECT_WORDS
+    description = " ".join(f"w{i}" for i in range(MAX_SUBJECT_WORDS + 1))
+    words = [f"W{i}" for i in range(MAX_SUBJECT_WORDS)]
+    assert parse_story(f"{description} | {', '.join(words)}\nx").characters[0].subject == tuple(words)
+
+
+def test_character_equality_includes_subject():
+    assert Character("Bob", "a man", ("man",)) != Character("Bob", "a man")
+    assert Character("Bob", "a man") == Character("Bob", "a man", ())
+
+
+def test_subject_words_round_trips_and_forms():
+    story = parse_story(SUBJECTS)
+    assert story.to_text().splitlines()[:2] == ["Bob: a tall man with red hair | man, Red Hair",
+                                                "Alice: a woman in a [red|blue] dress"]
+    assert story.to_dict()["characters"] == {
+        "Bob": {"description": "a tall man with red hair", "subject": ["man", "Red Hair"]},
+        "Alice": "a woman in a [red|blue] dress"}
+    shorthand = parse_story("a fox with a white tail | fox, white tail\nruns")
+    assert shorthand.to_text() == "a fox with a white tail | fox, white tail\nruns\n"
+    assert shorthand.to_dict() == {"identity": "a fox with a white tail", "subject": ["fox", "white tail"],
+                                   "frames": [{"prompt": "runs", "characters": ["main"]}]}
+    for s in (story, shorthand):
+        assert parse_story(s.to_text()) == s
+        assert parse_story(s.to_dict()) == s
+        assert parse_story(s.to_json()) == s
+        assert parse_story(s.to_text()).to_text() == s.to_text()
+
+
+def test_subject_words_json_inputs():
+    named = {"characters": {"Bob": {"description": " a  tall man ", "subject": ["man", " tall  man "]},
+                            "Alice": "a woman | woman", "Carol": {"description": "an old woman", "subject": []}},
+             "frames": ["[Bob] x"]}
+    assert parse_story(named).characters == (Character("Bob", "a tall man", ("man", "tall man")),
+                                             Character("Alice", "a woman", ("woman",)),
+                                             Character("Carol", "an old woman"))
+    fox = parse_story("a red fox | fox\nx")
+    assert parse_story({"identity": "a red fox", "subject": ["fox"], "frames": ["x"]}) == fox
+    assert parse_story({"identity": "a red fox | fox", "frames": ["x"]}) == fox
+    assert parse_story({"identity": "a red fox", "subject": [], "frames": ["x"]}) == parse_story("a red fox\nx")
+
+
+def _random_subject_story(rng: random.Random) -> Story:
+    story = _random_story(rng)
+    characters = []
+    for c in story.characters:
+        words = list(dict.fromkeys(c.description.split()))
+        chosen = rng.sample(words, rng.randint(0, min(3, len(words))))
+        if chosen and rng.random() < 0.5:  # a two-word phrase when the description has one
+            first = c.description.split()
+            if len(first) > 1:
+                chosen[0] = " ".join(first[:2])
+        chosen = list({w.casefold(): w for w in chosen}.values())
+        characters.append(Character(c.name, c.description, tuple(w.upper() if rng.random() < 0.3 else w
+                                                                 for w in chosen)))
+    return Story(tuple(characters), story.frames, story.shorthand)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_stories_with_subject_words_round_trip(seed):
+    story = _random_subject_story(random.Random(seed))
+    assert parse_story(story.to_text()) == story
+    assert parse_story(story.to_text()).to_text() == story.to_text()
+    assert parse_story(story.to_dict()) == story
+    assert parse_story(story.to_json()) == story
+
+
+SUBJECT_TEXT_ERRORS = [
+    ("Bob: a tall man with red hair | tail\n---\n[Bob] x", 1,
+     "subject word 'tail' is not in Bob's description 'a tall man with red hair'"),
+    ("// c\na small fox | tail\nx", 2, "subject word 'tail' is not in the identity prompt 'a small fox'"),
+    ("Bob: a man |\n---\n[Bob] x", 1, "nothing after ' | ' in Bob's description"),
+    ("Bob: a man |   \n---\n[Bob] x", 1, "nothing after ' | ' in Bob's description"),
+    ("a fox | \nx", 1, "nothing after ' | ' in the identity prompt"),
+    ("Bob: a man | man,\n---\n[Bob] x", 1, "subject word 2 of Bob's description is empty"),
+    ("Bob: a man | , man\n---\n[Bob] x", 1, "subject word 1 of Bob's description is empty"),
+    ("Bob: a man | man, , man\n---\n[Bob] x", 1, "subject word 2 of Bob's description is empty"),
+    ("Bob: a man | man, MAN\n---\n[Bob] x", 1, "subject word 'MAN' is listed twice for Bob's description"),
+    ("Bob: a man | man | man\n---\n[Bob] x", 1, "subject word 'man | man' is not in Bob's description"),
+    ("Bob: | man\n---\n[Bob] x", 1, "description of Bob is empty"),
+    ("| fox\nx", 1, "identity prompt is empty"),
+    ("Bob: a man | man # hero\n---\n[Bob] x", 1, "subject word 'man # hero' is not in"),
+    ("Bob: a man # hero | man\n---\n[Bob] x", 1, "description of Bob contains ' # '"),
+    ("Bob: a man | [Alice]\nAlice: a\n---\n[Bob] x", 1, "subject word '[Alice]' is not in"),
+    ("A: x\nBob: " + " ".join(f"w{i}" for i in range(17)) + " | " + ", ".join(f"w{i}" for i in range(17))
+     + "\n---\n[Bob] x", 2, "17 subject words for Bob's description; the limit is 16"),
+]
+
+
+@pytest.mark.parametrize("text, line, fragment", SUBJECT_TEXT_ERRORS)
+def test_subject_word_text_errors(text, line, fragment):
+    with pytest.raises(StoryError) as info:
+        parse_story(text)
+    assert (info.value.line, info.value.field) == (line, None)
+    assert fragment in info.value.problem, info.value.problem
+    assert str(info.value) == f"story line {line}: {info.value.problem}"
+
+
+SUBJECT_JSON_ERRORS = [
+    ({"characters": {"Bob": {"description": "a man", "subject": ["man", "tail"]}}},
+     "characters.Bob.subject[1]", "subject word 'tail' is not in Bob's description 'a man'"),
+    ({"characters": {"Bob": {"description": "a man", "subject": "man"}}}, "characters.Bob.subject",
+     "expected a list, got a string"),
+    ({"characters": {"Bob": {"description": "a man", "subject": [3]}}}, "characters.Bob.subject[0]",
+     "expected a string, got a number"),
+    ({"characters": {"Bob": {"description": "a man", "subject": ["  "]}}}, "characters.Bob.subject[0]",
+     "subject word 1 of Bob's description is empty"),
+    ({"characters": {"Bob": {"description": "a man, hat", "subject": ["man, hat"]}}}, "characters.Bob.subject[0]",
+     "contains ','"),
+    ({"characters": {"Bob": {"description": "a man | man", "subject": ["man"]}}}, "characters.Bob.subject",
+     "subject words are given twice"),
+    ({"characters": {"Bob": {"description": "a man", "subject": ["w"] * 17}}}, "characters.Bob.subject",
+     "17 subject words for Bob's description"),
+    ({"characters": {"Bob": {"subject": ["man"]}}}, "characters.Bob.description", "missing"),
+    ({"characters": {"Bob": {"description": 1}}}, "characters.Bob.description", "expected a string"),
+    ({"characters": {"Bob": {"description": "  "}}}, "characters.Bob.description", "description of Bob is empty"),
+    ({"characters": {"Bob": {"description": "a man", "words": []}}}, "characters.Bob.words", "unknown key 'words'"),
+    ({"characters": {"Bob": "a man | tail"}}, "characters.Bob", "subject word 'tail' is not in Bob's description"),
+    ({"characters": {"Bob": "a man"}, "subject": ["man"]}, "subject", "'subject' goes beside 'identity'"),
+    ({"identity": "a fox", "subject": ["tail"]}, "subject[0]", "is not in the identity prompt 'a fox'"),
+    ({"identity": "a fox", "subject": {"fox": 1}}, "subject", "expected a list, got an object"),
+    ({"identity": "a fox | fox", "subject": ["fox"]}, "subject", "given twice"),
+]
+
+
+@pytest.mark.parametrize("data, field, fragment", SUBJECT_JSON_ERRORS)
+def test_subject_word_json_errors(data, field, fragment):
+    data = {**data, "frames": ["[NC] x"]}
+    for value in (data, json.dumps(data)):
+        with pytest.raises(StoryError) as info:
+            parse_story(value)
+        assert (info.value.field, info.value.line) == (field, None)
+        assert fragment in info.value.problem, info.value.problem

@@ -32,10 +32,12 @@ TRANSFORMER_OPTION = "consistent_story"
 
 @dataclass(frozen=True)
 class ForgeRunState:
-    """What the patches of one sampling call need: the CSA and IPCA states and this batch's first frame."""
+    """What the patches of one sampling call need: the CSA, IPCA and StorySync states and this batch's first
+    frame."""
     csa: Any
     ipca: Any
     frame_offset: int
+    storysync: Any = None
 
     def __deepcopy__(self, memo: dict) -> "ForgeRunState":
         return self  # a handle: every clone() deep-copies model_options, and all clones must share the live state
@@ -115,6 +117,54 @@ def _ipca_groups(state, q, k, v, extra_options, layout, layer):
     return [(cond, k_cond, v[cond], bias)]
 
 
+def _storysync_rows(run, extra_options: dict, rows: int):
+    """The StorySync state with this call's rows set, and the layer; (None, None) when StorySync is not on."""
+    state = None if run is None else run.storysync
+    layer = _layer(extra_options)
+    if state is None or layer is None:
+        return None, None
+    shape = extra_options.get("original_shape")
+    state.set_rows(_layout(extra_options, rows, run.frame_offset), tuple(shape[-2:]) if shape is not None else None)
+    return state, layer
+
+
+def storysync_replace(attention: Attention):
+    """attn1 replace patch: StorySync's input side (masked sharing, BLI) on the projected q | k | v. Projections
+    are per token and linear (no bias in SD attention), so gathering or blending them equals doing it on the
+    inputs; the BLI cache holds q | k | v here."""
+    def patch(q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        state, layer = _storysync_rows(extra_options.get(TRANSFORMER_OPTION), extra_options, q.shape[0])
+        if state is None:
+            return attention(q, k, v, heads)
+        width = q.shape[-1]
+
+        def attend(query_qkv, context_qkv):
+            source = query_qkv if context_qkv is None else context_qkv
+            return attention(query_qkv[..., :width], source[..., width:2 * width], source[..., 2 * width:], heads)
+
+        out = state.self_attention(layer, torch.cat([q, k, v], dim=-1), attend)
+        return attention(q, k, v, heads) if out is None else out
+    return patch
+
+
+def storysync_output_patch(out, extra_options):
+    """attn1 output patch (after ``to_out``, before the residual): StorySync's RFH."""
+    state, layer = _storysync_rows(extra_options.get(TRANSFORMER_OPTION), extra_options, out.shape[0])
+    return out if state is None else state.harmonize_output(layer, out)
+
+
+def with_subject_maps(patch):
+    """attn2 replace patch that first adds the cond rows' subject maps (StorySync masks), then runs ``patch``."""
+    def wrapped(q, k, v, extra_options):
+        state, layer = _storysync_rows(extra_options.get(TRANSFORMER_OPTION), extra_options, q.shape[0])
+        if state is not None and state.wants_maps(layer, q.shape[0], q.shape[1]):
+            rows = state.cond_rows()
+            state.add_maps(q[rows], k[rows], extra_options["n_heads"], rows)
+        return patch(q, k, v, extra_options)
+    return wrapped
+
+
 def csa_replace(attention: Attention):
     """attn1 replace patch applying consistent self-attention (the run's ``ConsistencyState``)."""
     return _replace_patch("csa", _csa_groups, attention)
@@ -128,14 +178,24 @@ def ipca_replace(attention: Attention):
 def patch_unet(p, generation, attention: Attention) -> None:
     """Clone the current UNet patcher, register the story's patches, assign it back (idempotent per call)."""
     unet = p.sd_model.forge_objects.unet.clone()
+    storysync = getattr(generation, "storysync", None)
     unet.set_transformer_option(TRANSFORMER_OPTION, ForgeRunState(generation.csa, generation.ipca,
-                                                                  p.iteration * generation.plan.batch_size))
-    if generation.csa is not None:
-        unet.set_model_replace_all(csa_replace(attention), "attn1")
-        rate, frames = generation.settings.csa_rate, generation.plan.batch_size
+                                                                  p.iteration * generation.plan.batch_size,
+                                                                  storysync))
+    if generation.csa is not None or storysync is not None:
+        unet.set_model_replace_all(storysync_replace(attention) if storysync is not None else
+                                   csa_replace(attention), "attn1")
+        rate = 1.0 if storysync is not None else generation.settings.csa_rate
+        frames = generation.plan.batch_size
         base = unet.model_options.get("memory_peak_estimation_modifier", unet.memory_required)
         # Shared attention holds up to 1 + r·(B−1) times the keys/values of plain attention (README: Benchmark).
         unet.set_memory_peak_estimation_modifier(lambda shape: base(shape) * (1 + rate * (frames - 1)))
-    if generation.ipca is not None:
-        unet.set_model_replace_all(ipca_replace(attention), "attn2")
+    if storysync is not None:
+        unet.set_model_attn1_output_patch(storysync_output_patch)
+    attn2 = ipca_replace(attention) if generation.ipca is not None else None
+    if storysync is not None:
+        attn2 = with_subject_maps(attn2 or (lambda q, k, v, extra_options: attention(q, k, v,
+                                                                                     extra_options["n_heads"])))
+    if attn2 is not None:
+        unet.set_model_replace_all(attn2, "attn2")
     p.sd_model.forge_objects.unet = unet

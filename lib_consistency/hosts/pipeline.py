@@ -32,8 +32,12 @@ from ..reference_bank import ReferenceBank
 from ..row_layout import UNKNOWN_LAYOUT, A1111RowCursor, a1111_step_plan
 from ..settings import Settings
 from ..story_run import FrameConditioning, StoryRunPlan, plan_consolidation, plan_story_run
+from ..story_sync import StorySyncState
+from ..storysync_hooks import install_storysync_hooks
 from ..token_plan import verify_token_plan
 from .forge import is_forge, patch_unet
+from .prepass import run_vanilla_prepass, wants_prepass
+from .storysync import mask_images, storysync_state
 from .tokenizers import model_tokenizers
 from .ui import SPANS_INFOTEXT_KEY, STYLE_INFOTEXT_KEY
 from .xyz import OVERRIDES_ATTR
@@ -55,6 +59,7 @@ class StoryGeneration:
         self.batch_pooled: torch.Tensor | None = None
         self.csa: ConsistencyState | None = None
         self.ipca: IdentityAttentionState | None = None
+        self.storysync: StorySyncState | None = None
         self.hooks: list = []
         self.unet_hook_handle = None
         self.sampling = False
@@ -71,6 +76,8 @@ def _row_cursor_hook(generation: StoryGeneration):
             layout = generation.cursor.next_call(x.shape[0])
             if generation.csa is not None:
                 generation.csa.begin_unet_call(layout, tuple(x.shape[-2:]))
+            if generation.storysync is not None:
+                generation.storysync.begin_unet_call(layout, tuple(x.shape[-2:]))
             if generation.ipca is not None:
                 generation.ipca.layout = layout
         return None
@@ -112,8 +119,6 @@ def refusal(p, settings: Settings) -> str | None:
     if settings.csa and (shared.opts.data.get("hypertile_enable_unet") or
                          shared.opts.data.get("hypertile_enable_unet_secondpass")):
         return "Hypertile (UNet) splits the self-attention the story shares; turn it off in Settings"
-    if settings.masked_sharing:
-        return "masked sharing (StorySync) is not available yet; choose another preset or turn it off"
     return None
 
 
@@ -180,6 +185,9 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
                 install(p, generation)  # inside the outer try: a half-done install is undone too
             except Exception as error:
                 raise RuntimeError(_message(error)) from error
+            if wants_prepass(p, generation.storysync):  # StorySync BLI: the vanilla trajectory first
+                run_vanilla_prepass(p, generation.storysync, lambda: original_sample(*args, **kwargs),
+                                    generation.ipca)
             return original_sample(*args, **kwargs)
         finally:
             uninstall(p, generation)
@@ -187,8 +195,9 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
     def close():
         try:
             uninstall(p, generation)
-            if generation.csa is not None:
-                generation.csa.close()
+            for state in (generation.csa, generation.storysync):
+                if state is not None:
+                    state.close()
         finally:
             original_close()
 
@@ -250,7 +259,18 @@ def install(p, generation: StoryGeneration) -> None:
         if not forge:
             attn2 = [(a, m) for n, m in _unet(p).named_modules() if (a := ldm_layer_address(n, "attn2"))]
             generation.hooks += install_identity_hooks(attn2, generation.ipca)
-    if settings.csa:
+    if settings.masked_sharing:
+        if generation.storysync is None:
+            generation.storysync = storysync_state(p, generation.settings, generation.plan)
+        state = generation.storysync
+        state.bank_mode = BankMode.OFF if plan.batch_count == 1 or not state.reference_frames else \
+            BankMode.WRITE if p.iteration == 0 else BankMode.READ
+        if not forge:
+            unet = _unet(p)
+            attn1 = [(a, m) for n, m in unet.named_modules() if (a := ldm_layer_address(n, "attn1"))]
+            attn2 = [(a, m) for n, m in unet.named_modules() if (a := ldm_layer_address(n, "attn2"))]
+            generation.hooks += install_storysync_hooks(attn1, attn2, state)
+    elif settings.csa:
         if generation.csa is None:
             generation.csa = ConsistencyState(CsaSettings(settings.csa_rate, settings.csa_schedule,
                                                           settings.csa_layers), plan.seeds[0], plan.frame_groups(),
@@ -316,6 +336,8 @@ def on_cfg_denoiser(params) -> None:
     step = StepKey(1 if getattr(p, "is_hr_pass", False) else 0, params.sampling_step, float(params.sigma[0]))
     if generation.csa is not None:
         generation.csa.begin_step(step.pass_index, step.step_index, params.total_sampling_steps, step.sigma)
+    if generation.storysync is not None:
+        generation.storysync.begin_step(step.pass_index, step.step_index, params.total_sampling_steps, step.sigma)
     if generation.ipca is not None:
         generation.ipca.step = step
 
@@ -338,6 +360,9 @@ def postprocess(p, processed) -> None:
     uninstall(p, generation)
     if generation.csa is not None:
         generation.csa.close()
+    masks = mask_images(generation.storysync, generation.plan, processed) if generation.settings.show_masks else []
+    if generation.storysync is not None:
+        generation.storysync.close()
     if generation.settings.storyboard and processed.images:
         from .storyboard import compose_storyboard
         frames = processed.images[processed.index_of_first_image:][:generation.plan.frame_count]
@@ -349,3 +374,6 @@ def postprocess(p, processed) -> None:
         if shared.opts.grid_save and not p.do_not_save_grid:
             images.save_image(board, p.outpath_grids, "storyboard", processed.seed, p.main_prompt,
                               shared.opts.grid_format, info=info, grid=True, p=p)
+    for image, info in masks:  # StorySync "show masks": after the frames (and the storyboard)
+        processed.images.append(image)
+        processed.infotexts.append(info)

@@ -85,3 +85,27 @@ def _font(size: int) -> ImageFont.ImageFont:
     except ImportError:
         return ImageFont.load_default()
     return get_font(size)
+
+
+MASK_COLOURS = ((255, 64, 64), (64, 160, 255), (64, 220, 96), (255, 200, 0), (200, 80, 255), (0, 220, 220),
+                (255, 128, 0), (160, 160, 160))  # one per character, in story order
+MASK_OPACITY = 0.5
+
+
+def mask_overlay(image: Image.Image, masks: Sequence[tuple[int, Sequence[bool]]], grid: tuple[int, int]) -> Image.Image:
+    """``image`` with each character's subject mask tinted over it (StorySync "show masks").
+
+    masks: (colour index, row-major booleans on ``grid`` = (h, w)) per character; each mask is scaled to the image
+    with nearest-neighbour sampling, the mask grid's cells staying visible as blocks.
+    """
+    base = image.convert("RGB")
+    height, width = grid
+    for colour_index, mask in masks:
+        if len(mask) != height * width:
+            raise ValueError(f"a {height}x{width} mask needs {height * width} values, got {len(mask)}")
+        cells = Image.new("L", (width, height))
+        cells.putdata([255 if value else 0 for value in mask])
+        alpha = cells.resize(base.size, Image.NEAREST).point(lambda v: round(v * MASK_OPACITY))
+        tint = Image.new("RGB", base.size, MASK_COLOURS[colour_index % len(MASK_COLOURS)])
+        base = Image.composite(tint, base, alpha)
+    return base

@@ -17,7 +17,7 @@ from ..token_plan import TokenBudgetError, Tokenizer, plan_tokens, verify_token_
 from .tokenizers import model_tokenizers
 
 GROUPS = ("general", "1Prompt1Story", "StoryDiffusion", "StorySync")  # the method groups of Option.group
-UNAVAILABLE_GROUPS = ("StorySync",)  # shown, but their controls are not interactive yet
+UNAVAILABLE_GROUPS: tuple[str, ...] = ()  # groups shown but not interactive (a method not available yet)
 STYLE_INFOTEXT_KEY = INFOTEXT_PREFIX + "Style"  # the user's own prompt (style), written by the pipeline
 SPANS_INFOTEXT_KEY = INFOTEXT_PREFIX + "Token spans"  # 1Prompt1Story token positions, written by the pipeline
 PRESET_KEYS = tuple(k for k in option_keys() if any(k in values for values in PRESETS.values()))

@@ -194,3 +194,90 @@ def test_one_frame_story_needs_consolidation_off():
     assert status >= 400 and "at least 2 frames" in json.dumps(body) and "consolidate" in json.dumps(body)
     single = txt2img([{"enabled": True, "story": one, "preset": "StoryDiffusion", "storyboard": False}])
     assert len(single["images"]) == 1
+
+
+# --- StorySync ------------------------------------------------------------------------------------------------------
+
+NAMED = ("Bob: a tall man with red hair and a green coat | man, coat\nAlice: a girl with a blue scarf\n---\n"
+         "[Bob] reads a letter in a kitchen # The letter\n[Alice] waits at a station\n"
+         "[Bob] [Alice] walk along the beach # Reunited\n[NC] an empty street at night")
+
+
+def storysync_args(**values) -> list:
+    return [{"enabled": True, "story": STORY, "preset": "StorySync", "storyboard": False, **values}]
+
+
+def test_storysync_one_character_changes_the_images_and_vanilla_is_untouched():
+    vanilla_before = image_bytes(txt2img())
+    plain = txt2img(story_args(preset="Custom", consolidate=False, reweighting="none", ipca=False, csa=False,
+                               storyboard=False))
+    synced = txt2img(storysync_args())
+    vanilla_after = image_bytes(txt2img())
+    assert vanilla_before == vanilla_after
+    assert len(synced["images"]) == 3 and "Story Masked sharing: True" in synced["info"]["infotexts"][0]
+    assert [image_bytes(synced, i) for i in range(3)] != [image_bytes(plain, i) for i in range(3)]
+
+
+def test_storysync_named_characters_with_masks_shown():
+    body = txt2img([{"enabled": True, "story": NAMED, "preset": "StorySync", "show_masks": True,
+                     "storyboard": True}])
+    # 4 frames, the storyboard, then a mask image for each frame with a character ([NC] has none)
+    assert len(body["images"]) == 4 + 1 + 3
+    png = image_bytes(body, 5)
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (64, 64)
+
+
+def test_storysync_twelve_frames_in_batches_of_four_with_references():
+    story = "a small red fox\n" + "\n".join(f"scene {i} in the forest" for i in range(12))
+    body = txt2img([{"enabled": True, "story": story, "preset": "StorySync", "frames_per_batch": 4,
+                     "reference_frames": 2, "storyboard": False}])
+    assert len(body["images"]) == 12 and "Story Reference frames: 2" in body["info"]["infotexts"][0]
+
+
+def test_storysync_with_hires_fix_and_combined_with_1prompt1story():
+    body = txt2img(storysync_args(preset="Combined", masked_sharing=True, csa_layers="up"), enable_hr=True,
+                   hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.6,
+                   hr_additional_modules=["Use same choices"])
+    png = image_bytes(body)
+    assert len(body["images"]) == 3 and (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) \
+        == (128, 128)
+    assert "Story Consolidate: True" in body["info"]["infotexts"][0]
+
+
+def test_storysync_bad_subject_word_names_the_line():
+    story = NAMED.replace("| man, coat", "| man, hat")
+    status, body = call("/sdapi/v1/txt2img", {**BASE, "alwayson_scripts": {"consistent story": {"args": [
+        {"enabled": True, "story": story, "preset": "StorySync"}]}}})
+    assert status >= 400 and "story line 1: subject word 'hat' is not in Bob's description" in json.dumps(body)
+
+
+def test_storysync_xyz_over_rfh_and_bli():
+    status, scripts = call("/sdapi/v1/script-info")
+    xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    x_types = next(a for a in xyz["args"] if a["label"] == "X type")["choices"]
+    none = x_types.index("Nothing")
+    script_args = [x_types.index(axis_label("bli_strength")), "0.0, 1.0", [], x_types.index(
+        axis_label("rfh_strength")), "0.0, 0.9", [], none, "", [], True, True, False, False, False, False, False, 0,
+        False]
+    body = txt2img(storysync_args(rfh_start=0.0, rfh_end=1.0), script_name="x/y/z plot", script_args=script_args)
+    infotexts = body["info"]["infotexts"]
+    assert any("Story BLI strength: 0.0" in t and "Story RFH strength: 0.9" in t for t in infotexts)
+    assert any("Story BLI strength: 1.0" in t and "Story RFH strength: 0.0" in t for t in infotexts)
+
+
+def test_storysync_img2img():
+    init = txt2img()["images"][0]
+    status, body = call("/sdapi/v1/img2img", {**BASE, "init_images": [init], "denoising_strength": 0.6,
+                                              "alwayson_scripts": {"consistent story": {"args": storysync_args()}}})
+    assert status == 200, body
+    assert len(body["images"]) == 3
+
+
+def test_storysync_prepass_leaves_the_sampling_reproducible():
+    """An ancestral sampler draws noise at every step from the host's RNG: two StorySync runs (each with its BLI
+    pre-pass) give the same bytes, and a plain run after them is the same as before."""
+    plain_before = image_bytes(txt2img(sampler_name="Euler a"))
+    first = txt2img(storysync_args(), sampler_name="Euler a")
+    second = txt2img(storysync_args(), sampler_name="Euler a")
+    assert [image_bytes(first, i) for i in range(3)] == [image_bytes(second, i) for i in range(3)]
+    assert image_bytes(txt2img(sampler_name="Euler a")) == plain_before

@@ -1,0 +1,64 @@
+"""StorySync's host side (A1111 1.10 and Forge): its per-generation state from the story and the checkpoint's own
+tokenizer, and the mask images ("show masks"). The pre-pass for BLI is in ``prepass.py``; the hooks and patches in
+``storysync_hooks`` (A1111) and ``forge.py``.
+"""
+from __future__ import annotations
+
+from modules import extra_networks
+
+from ..consistent_self_attention import LayerPolicy, Schedule
+from ..reference_bank import ReferenceBank
+from ..settings import Settings
+from ..story_run import StoryRunPlan
+from ..story_sync import StorySyncSettings, StorySyncState
+from ..subject_tokens import consolidated_identity_pieces, frame_prompt_pieces, story_subjects, subject_positions
+from .storyboard import mask_overlay
+from .tokenizers import model_tokenizers
+
+
+def storysync_state(p, settings: Settings, plan: StoryRunPlan) -> StorySyncState:
+    """StorySync's state: subject-token columns of every frame from the host's tokenizer (methods.md §5.1 step 1:
+    the characters' descriptions, or their chosen words; with 1Prompt1Story consolidation the identity span)."""
+    story = plan.story
+    tokenizers = model_tokenizers(p.sd_model)
+    if not tokenizers:
+        raise RuntimeError("the checkpoint has no CLIP tokenizer with tokenize_line; StorySync cannot find the "
+                           "subject tokens")
+    tokenize, subjects = tokenizers[0][1], story_subjects(story)
+    style_text, _ = extra_networks.parse_prompt(plan.style)
+    groups = plan.frame_groups()
+    if settings.consolidate:
+        identity = subject_positions(consolidated_identity_pieces(story, style_text), tokenize, subjects)
+        columns = {f: {c: identity[c] for c in sorted(groups[f]) if c in identity} for f in groups}
+    else:
+        columns = {}
+        for f in groups:
+            found = subject_positions(frame_prompt_pieces(story, f, style_text), tokenize, subjects)
+            columns[f] = {c: found[c] for c in sorted(groups[f]) if c in found}
+    references = tuple(range(min(settings.reference_frames, plan.frame_count))) if settings.reference_frames \
+        else (plan.reference_frames or None)
+    storysync = StorySyncSettings(settings.mask_dropout, settings.share_dropout, settings.rfh_strength,
+                                  settings.rfh_dropout, (settings.rfh_start, settings.rfh_end), settings.bli_strength,
+                                  settings.bli_steps, settings.bli_inputs, LayerPolicy(settings.csa_layers),
+                                  Schedule(settings.csa_schedule))
+    return StorySyncState(storysync, plan.seeds[0], groups, columns, references,
+                          ReferenceBank(offload_to_cpu=settings.bank_on_cpu),
+                          ReferenceBank(offload_to_cpu=settings.bli_cache_on_cpu))
+
+
+def mask_images(state: StorySyncState | None, plan: StoryRunPlan, processed) -> list:
+    """(image, infotext) per frame with a character: its final subject masks tinted over it (the last step's)."""
+    if state is None or not processed.images:
+        return []
+    order = [c.name for c in plan.story.characters]
+    first = processed.index_of_first_image
+    frames = processed.images[first:][:plan.frame_count]
+    out = []
+    for frame, image in enumerate(frames):
+        grid, by_character = state.masks.get(frame, (None, {}))
+        if grid is None:
+            continue
+        masks = [(order.index(name), mask.cpu().tolist()) for name, mask in by_character.items()]
+        info = processed.infotexts[first + frame] if len(processed.infotexts) > first + frame else ""
+        out.append((mask_overlay(image, masks, grid), info))
+    return out
