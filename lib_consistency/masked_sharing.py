@@ -53,8 +53,10 @@ def masked_peer_contexts(hidden: torch.Tensor, peers: RowPeers) -> list[ContextG
     rows ≠ r (masks on one device).
     Rows with equal context lengths share one ContextGroup (one host attention call per distinct length, see
     ``attend_in_groups``); rows that receive no peer token get no group and attend plainly.
-    Cost: every mask is moved to the CPU in one transfer (context lengths depend on the masks, so one host sync is
-    unavoidable); then one ``index_select`` per group gathers own and peer tokens straight into the context.
+    Cost: context lengths depend on the masks, so the indices are built on the CPU: masks already there (as
+    ``story_sync`` keeps them) cost no device sync, others one transfer. One ``nonzero`` per distinct list of peer
+    masks (a frame's cond and uncond rows share theirs), one pinned asynchronous copy and one ``index_select`` per
+    group gather own and peer tokens straight into the context.
     """
     num_rows, num_tokens, channels = hidden.shape
     if len(peers) != num_rows:
@@ -71,16 +73,27 @@ def masked_peer_contexts(hidden: torch.Tensor, peers: RowPeers) -> list[ContextG
     if not pairs:
         return []
     mask_device = pairs[0][2].device
-    cpu_masks = torch.stack([mask.to(mask_device) for _, _, mask in pairs]).cpu()  # the one host sync
+    if mask_device.type != "cpu":  # one transfer (a device sync) for all of them
+        moved = torch.stack([mask.to(mask_device) for _, _, mask in pairs]).cpu()
+        cpu_of = {id(mask): moved[i] for i, (_, _, mask) in enumerate(pairs)}
+    else:
+        cpu_of = {id(mask): mask for _, _, mask in pairs}
     own = torch.arange(num_tokens)
-    indices: list[list[torch.Tensor]] = [[row * num_tokens + own] for row in range(num_rows)]
-    for (row, peer, _), mask in zip(pairs, cpu_masks):
-        indices[row].append(peer * num_tokens + mask.nonzero().flatten())
+    selected: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # mask ids -> (which peer, token)
     by_length: dict[int, list[tuple[int, torch.Tensor]]] = {}
-    for row, parts in enumerate(indices):
-        index = torch.cat(parts)
-        if index.numel() > num_tokens:  # at least one peer token
-            by_length.setdefault(index.numel(), []).append((row, index))
+    for row, row_peers in enumerate(peers):
+        if not row_peers:
+            continue
+        key = tuple(id(mask) for _, mask in row_peers)
+        if key not in selected:
+            hits = torch.stack([cpu_of[id(mask)] for _, mask in row_peers]).nonzero()  # peer order, token order
+            selected[key] = (hits[:, 0], hits[:, 1])
+        which, token = selected[key]
+        if token.numel() == 0:
+            continue  # no peer token: plain attention
+        peer_rows = torch.tensor([peer for peer, _ in row_peers])
+        index = torch.cat([row * num_tokens + own, peer_rows[which] * num_tokens + token])
+        by_length.setdefault(index.numel(), []).append((row, index))
     flat_hidden = hidden.reshape(num_rows * num_tokens, channels)
     groups = []
     for members in by_length.values():

@@ -93,6 +93,7 @@ class StorySyncState:
         self.step: StepKey | None = None
         self.total_steps = 0
         self._accumulator = MaskAccumulator()
+        self._resized: dict[tuple, torch.Tensor] = {}  # (frame, bank step or None, grid) -> resized masks
         self.masks: dict[int, tuple[tuple[int, int], dict[str, torch.Tensor]]] = {}  # latest per frame, undropped
         self.bank_masks: dict[tuple[StepKey, int], tuple[tuple[int, int], dict[str, torch.Tensor]]] = {}
 
@@ -155,6 +156,7 @@ class StorySyncState:
 
     def _finalize_masks(self) -> None:
         grid = self._accumulator.grid
+        self._resized.clear()  # the masks change
         for frame, maps in self._accumulator.mean_maps().items():
             names = self._columns[frame][0]
             # on the CPU: one device sync per UNet call, then every layer's sharing indices are built without one
@@ -167,15 +169,20 @@ class StorySyncState:
         """Each frame's character masks resized to ``grid`` and after mask dropout (frame-seeded)."""
         out = {}
         for frame in frames:
-            stored = self.masks.get(frame)
-            if self.bank_mode is BankMode.READ and frame in (self.reference_frames or ()):
-                stored = self.bank_masks.get((self.step, frame), stored)  # the reference's mask at this step
+            stored, cache_key = self.masks.get(frame), (frame, None, (grid.height, grid.width))
+            if self.bank_mode is BankMode.READ and frame in (self.reference_frames or ()) \
+                    and (self.step, frame) in self.bank_masks:
+                stored = self.bank_masks[(self.step, frame)]  # the reference's mask at this step
+                cache_key = (frame, self.step, (grid.height, grid.width))
             if stored is None:
                 continue
             source, by_character = stored
             names = list(by_character)
-            stacked = resize_mask(torch.stack([by_character[n] for n in names]), source, (grid.height, grid.width))
-            stacked = drop_mask(stacked, self.settings.mask_dropout,
+            resized = self._resized.get(cache_key)
+            if resized is None:  # once per mask and grid until the masks change (once per UNet call)
+                resized = resize_mask(torch.stack([by_character[n] for n in names]), source, cache_key[2])
+                self._resized[cache_key] = resized
+            stacked = drop_mask(resized, self.settings.mask_dropout,
                                 stable_seed(self.run_seed, self.step, key, "mask", frame))
             out[frame] = dict(zip(names, stacked))
         return out
