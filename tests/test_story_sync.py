@@ -229,18 +229,10 @@ def test_storysync_on_cuda_in_half_precision(unet, inputs):
     """Masks, masked sharing, RFH and BLI with every tensor on the GPU in float16 (no CPU-only helper left)."""
     import copy
     gpu = copy.deepcopy(unet).to("cuda", torch.float16)
-    latents, text = (t.to("cuda", torch.float16) for t in inputs)
+    gpu_inputs = tuple(t.to("cuda", torch.float16) for t in inputs)
 
     def forward(state=None):
-        hooks = install_storysync_hooks(layers(gpu, "attn1"), layers(gpu, "attn2"), state,
-                                        "encoder_hidden_states") if state is not None else []
-        try:
-            if state is not None:
-                state.begin_unet_call(LAYOUT, LATENT)
-            with torch.no_grad():
-                return gpu(latents, 500, encoder_hidden_states=text).sample
-        finally:
-            remove_hooks(hooks)
+        return run(gpu, gpu_inputs, state)
 
     plain = forward()
     state = make_state(step=1, total=10, bli_window=0.5, rfh_strength=0.5, mask_dropout=0.3, share_dropout=0.2,
