@@ -38,7 +38,7 @@ from ..token_plan import verify_token_plan
 from .forge import is_forge, patch_unet
 from .prepass import run_vanilla_prepass, wants_prepass
 from .storysync import mask_images, storysync_state
-from .tokenizers import model_tokenizers
+from .tokenizers import required_tokenizers
 from .ui import SPANS_INFOTEXT_KEY, STYLE_INFOTEXT_KEY
 from .xyz import OVERRIDES_ATTR
 
@@ -214,10 +214,7 @@ def _plan_conditioning(p, generation: StoryGeneration) -> FrameConditioning:
     """Once per generation: token plan counted with the host's CLIP-L tokenizer, spans verified with every CLIP
     tokenizer of the model (methods.md §2.8 step A2) and recorded in the infotext, then every frame encoded."""
     settings, plan = generation.settings, generation.plan
-    tokenizers = model_tokenizers(p.sd_model)
-    if not tokenizers:
-        raise RuntimeError("the checkpoint has no CLIP tokenizer with tokenize_line; 1Prompt1Story cannot count "
-                           "its tokens")
+    tokenizers = required_tokenizers(p.sd_model, "1Prompt1Story cannot count its tokens")
     style_text, _ = extra_networks.parse_prompt(plan.style)  # <lora:...> tags are not prompt text
     token_plan = plan_consolidation(settings, plan.story, style_text, tokenizers[0][1])
     for name, tokenize in tokenizers:

@@ -13,18 +13,15 @@ from ..story_run import StoryRunPlan
 from ..story_sync import StorySyncSettings, StorySyncState
 from ..subject_tokens import consolidated_identity_pieces, frame_prompt_pieces, story_subjects, subject_positions
 from .storyboard import mask_overlay
-from .tokenizers import model_tokenizers
+from .tokenizers import required_tokenizers
 
 
 def storysync_state(p, settings: Settings, plan: StoryRunPlan) -> StorySyncState:
     """StorySync's state: subject-token columns of every frame from the host's tokenizer (methods.md §5.1 step 1:
     the characters' descriptions, or their chosen words; with 1Prompt1Story consolidation the identity span)."""
     story = plan.story
-    tokenizers = model_tokenizers(p.sd_model)
-    if not tokenizers:
-        raise RuntimeError("the checkpoint has no CLIP tokenizer with tokenize_line; StorySync cannot find the "
-                           "subject tokens")
-    tokenize, subjects = tokenizers[0][1], story_subjects(story)
+    tokenize = required_tokenizers(p.sd_model, "StorySync cannot find the subject tokens")[0][1]
+    subjects = story_subjects(story)
     style_text, _ = extra_networks.parse_prompt(plan.style)
     groups = plan.frame_groups()
     if settings.consolidate:

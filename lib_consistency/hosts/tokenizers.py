@@ -57,3 +57,11 @@ def token_items(engine: Any) -> Tokenizer:
 def model_tokenizers(model: Any) -> list[tuple[str, Tokenizer]]:
     """(encoder name, tokenizer) of every CLIP text encoder of ``model``, CLIP-L first; empty without a model."""
     return [(name, token_items(engine)) for name, engine in _engines(model)] if model is not None else []
+
+
+def required_tokenizers(model: Any, purpose: str) -> list[tuple[str, Tokenizer]]:
+    """``model_tokenizers`` of a loaded model that must have one; RuntimeError saying what needs it otherwise."""
+    found = model_tokenizers(model)
+    if not found:
+        raise RuntimeError(f"the checkpoint has no CLIP tokenizer with tokenize_line; {purpose}")
+    return found
