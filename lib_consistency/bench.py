@@ -214,11 +214,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 10 CUDA, 3 CPU)")
     parser.add_argument("--side-divisor", type=int, default=None,
                         help="divide every token-grid side (default 1 on CUDA, 2 on CPU: a quarter of the tokens)")
-    parser.add_argument("--only", choices=("csa", "storysync"), default=None,
-                        help="run one part (default: CSA, then StorySync: bench_storysync)")
+    parser.add_argument("--only", choices=("csa", "storysync", "oneactor"), default=None,
+                        help="run one part (default: CSA, then StorySync: bench_storysync; OneActor tuning, "
+                             "bench_oneactor, only when named)")
+    parser.add_argument("--oneactor-arch", choices=("sd15", "sdxl"), default="sd15",
+                        help="UNet for --only oneactor (default sd15)")
+    parser.add_argument("--oneactor-latent-side", type=int, default=None,
+                        help="latent side for --only oneactor (default: the real 64 for sd15, 128 for sdxl)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
+    if args.only == "oneactor":
+        from .bench_oneactor import run_inference_bench, run_tuning_bench  # import diffusers when run
+        run_inference_bench(args.oneactor_arch, device, torch.float16 if on_cuda else torch.float32,
+                            latent_side=args.oneactor_latent_side)
+        # bf16 for tuning: fp16 gradients through a frozen fp16 UNet overflow more easily
+        run_tuning_bench(args.oneactor_arch, device, torch.bfloat16 if on_cuda else torch.float32,
+                         latent_side=args.oneactor_latent_side)
+        return
     repeats = args.repeats or (10 if on_cuda else 3)
     divisor = args.side_divisor or (1 if on_cuda else 2)
     dtype = torch.float16 if on_cuda else torch.float32

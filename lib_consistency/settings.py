@@ -36,7 +36,7 @@ class SettingsError(ValueError):
 class Option:
     name: str                      # short name: infotext key "Story <name>", axis "[Story] <name>"
     label: str                     # UI label
-    group: str                     # "general", "1Prompt1Story", "StoryDiffusion", "StorySync"
+    group: str                     # "general", "1Prompt1Story", "StoryDiffusion", "StorySync", "OneActor"
     minimum: float | None = None
     maximum: float | None = None
     step: float | None = None
@@ -58,6 +58,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "Combined": dict(consolidate=True, reweighting="svr", ipca=True, csa=True, csa_rate=0.5,
                      csa_schedule="official", masked_sharing=False),
     "Custom": {},
+}
+
+# OneActor's own presets (methods.md §6.4, §6.6): they fill the OneActor keys only, whatever the story preset is.
+ONEACTOR_PRESETS: dict[str, dict[str, Any]] = {
+    "fast": dict(oneactor_eta2=0.0, oneactor_cfg=0.0, oneactor_v=0.8, oneactor_window=0.67),
+    "paper": dict(oneactor_eta2=1.0, oneactor_cfg=8.5, oneactor_v=0.8, oneactor_window=0.67),
+    "custom": {},
 }
 
 
@@ -130,6 +137,18 @@ class Settings:
     bli_inputs: bool = _option(False, "BLI inputs", "BLI blends Q, K and V inputs (off: queries only)", "StorySync")
     bli_cache_on_cpu: bool = _option(False, "BLI cache on CPU", "Keep the BLI cache on the CPU", "StorySync")
     show_masks: bool = _option(False, "Show masks", "Add one subject-mask image per frame", "StorySync")
+    # --- OneActor (acts on prompts with <oneactor:NAME> tags, with or without the story methods) ---
+    oneactor_preset: str = _option("fast", "OneActor preset", "OneActor preset", "OneActor",
+                                   choices=tuple(ONEACTOR_PRESETS),
+                                   info="fast: no extra rows; paper: CFG 8.5 and cluster guidance 1.0")
+    oneactor_v: float = _option(0.8, "OneActor v", "Character strength v (tags without ':v')", "OneActor",
+                                minimum=0.0, maximum=2.0, step=0.05)
+    oneactor_eta2: float = _option(0.0, "OneActor eta2", "Cluster guidance eta2 (> 0: one more row per image)",
+                                   "OneActor", minimum=0.0, maximum=10.0, step=0.1)
+    oneactor_window: float = _option(0.67, "OneActor window", "Character steps (fraction, from the start)",
+                                     "OneActor", minimum=0.0, maximum=1.0, step=0.01)
+    oneactor_cfg: float = _option(0.0, "OneActor CFG", "CFG scale eta1 with a character (0 = the WebUI's)",
+                                  "OneActor", minimum=0.0, maximum=30.0, step=0.5)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -162,7 +181,10 @@ class Settings:
         preset = coerced.get("preset", DEFAULT_PRESET)
         if preset not in PRESETS:
             raise SettingsError("preset", f"{preset!r} is not one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[preset], **coerced})
+        oneactor = coerced.get("oneactor_preset", "fast")
+        if oneactor not in ONEACTOR_PRESETS:
+            raise SettingsError("oneactor_preset", f"{oneactor!r} is not one of {', '.join(ONEACTOR_PRESETS)}")
+        return cls(**{**PRESETS[preset], **ONEACTOR_PRESETS[oneactor], **coerced})
 
     @classmethod
     def from_args(cls, args: Sequence[Any]) -> "Settings":
@@ -206,6 +228,11 @@ class Settings:
         """A copy with one value replaced after the same coercion and checks as the API (X/Y/Z axes)."""
         if key == "preset":
             return self.with_preset(value)
+        if key == "oneactor_preset":
+            value = _coerce(_field(key), value)
+            if value not in ONEACTOR_PRESETS:
+                raise SettingsError(key, f"{value!r} is not one of {', '.join(ONEACTOR_PRESETS)}")
+            return dataclasses.replace(self, oneactor_preset=value, **ONEACTOR_PRESETS[value])
         return dataclasses.replace(self, **{key: _coerce(_field(key), value)})
 
 

@@ -14,7 +14,17 @@ import torch
 
 MODULE_NAMES = ("modules", "modules.devices", "modules.extra_networks", "modules.images", "modules.processing",
                 "modules.prompt_parser", "modules.sd_unet", "modules.shared", "modules.scripts",
-                "modules.script_callbacks", "modules.rng")
+                "modules.script_callbacks", "modules.rng", "modules.paths", "modules.ui_extra_networks")
+
+
+def parse_prompt(text: str):
+    """``extra_networks.parse_prompt``: ``<name:a:b>`` tags removed, returned as {name: [params with items]}."""
+    found: dict = {}
+
+    def take(match):
+        found.setdefault(match.group(1), []).append(types.SimpleNamespace(items=match.group(2).split(":")))
+        return ""
+    return re.sub(r"<(\w+):([^>]+)>", take, text), found
 
 
 class ImageRNG:
@@ -34,7 +44,20 @@ def stub_modules() -> dict[str, types.ModuleType]:
     mods = {name: types.ModuleType(name) for name in MODULE_NAMES}
     mods["modules.devices"].autocast = contextlib.nullcontext
     mods["modules.devices"].dtype_unet = torch.float32
-    mods["modules.extra_networks"].parse_prompt = lambda text: (re.sub(r"<[^>]*>", "", text), {})
+    mods["modules.extra_networks"].parse_prompt = parse_prompt
+    mods["modules.extra_networks"].registry = {}
+    mods["modules.extra_networks"].ExtraNetwork = type("ExtraNetwork", (), {
+        "__init__": lambda self, name: setattr(self, "name", name)})
+    mods["modules.extra_networks"].register_extra_network = \
+        lambda network: mods["modules.extra_networks"].registry.__setitem__(network.name, network)
+    mods["modules.ui_extra_networks"].extra_pages = []
+    mods["modules.ui_extra_networks"].register_page = mods["modules.ui_extra_networks"].extra_pages.append
+    mods["modules.ui_extra_networks"].quote_js = lambda text: '"' + text.replace('"', '\\"') + '"'
+    mods["modules.ui_extra_networks"].ExtraNetworksPage = type("ExtraNetworksPage", (), {
+        "__init__": lambda self, title: setattr(self, "name", title.lower()),
+        "find_preview": lambda self, path: None, "search_terms_from_path": lambda self, path: path,
+        "get_sort_keys": lambda self, path: {}})
+    mods["modules.paths"].models_path = "models"
     mods["modules.images"].saved = []
     mods["modules.images"].save_image = lambda image, *a, **k: mods["modules.images"].saved.append(image)
     mods["modules.processing"].get_fixed_seed = lambda seed: 1234 if seed in (-1, None, "") else int(seed)
@@ -45,6 +68,9 @@ def stub_modules() -> dict[str, types.ModuleType]:
             self.width, self.height = width, height
 
     mods["modules.prompt_parser"].SdConditioning = SdConditioning
+    mods["modules.prompt_parser"].get_learned_conditioning_prompt_schedules = \
+        lambda prompts, steps: [[[steps, text]] if not re.search(r"\[[^\]]*:[^\]]*:[^\]]*\]", text)
+                                else [[1, text], [steps, text]] for text in prompts]
     mods["modules.sd_unet"].current_unet = None
     opts = types.SimpleNamespace(data={}, skip_early_cond=0.0, s_min_uncond_all=False, grid_save=False,
                                  grid_format="png")

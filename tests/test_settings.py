@@ -160,10 +160,35 @@ def test_with_value_checks_like_the_api():
 def test_storysync_options_are_appended_after_the_original_28():
     keys = option_keys()
     assert keys[24:28] == ("masked_sharing", "mask_dropout", "rfh_strength", "bli_strength")
-    assert keys[28:] == ("share_dropout", "rfh_dropout", "rfh_start", "rfh_end", "bli_steps", "bli_inputs",
-                         "bli_cache_on_cpu", "show_masks")
-    assert all(option(k).group == "StorySync" for k in keys[24:])
+    assert keys[28:36] == ("share_dropout", "rfh_dropout", "rfh_start", "rfh_end", "bli_steps", "bli_inputs",
+                           "bli_cache_on_cpu", "show_masks")
+    assert all(option(k).group == "StorySync" for k in keys[24:36])
     with pytest.raises(SettingsError, match="'rfh_end': 0.05 ends the RFH window before it starts"):
         Settings(rfh_start=0.1, rfh_end=0.05)
     storysync = Settings().with_preset("StorySync")
     assert storysync.csa_layers == "up" and storysync.masked_sharing and storysync.csa_rate == 1.0
+
+
+def test_oneactor_options_are_appended_after_storysync():
+    keys = option_keys()
+    assert keys[36:] == ("oneactor_preset", "oneactor_v", "oneactor_eta2", "oneactor_window", "oneactor_cfg")
+    assert all(option(k).group == "OneActor" for k in keys[36:])
+    assert {axis_label("oneactor_v"), axis_label("oneactor_eta2")} <= {axis_label(k) for k in axis_keys()}
+
+
+def test_oneactor_presets_fill_only_oneactor_keys():
+    paper = Settings.from_dict({"oneactor_preset": "paper"})
+    assert (paper.oneactor_cfg, paper.oneactor_eta2, paper.oneactor_v) == (8.5, 1.0, 0.8)
+    assert paper.to_dict() | {k: getattr(Settings(), k) for k in ("oneactor_preset", "oneactor_cfg",
+                                                                   "oneactor_eta2")} == Settings().to_dict()
+    explicit = Settings.from_dict({"oneactor_preset": "paper", "oneactor_eta2": 0.5})
+    assert explicit.oneactor_eta2 == 0.5 and explicit.oneactor_cfg == 8.5
+    back = paper.with_value("oneactor_preset", "fast")
+    assert (back.oneactor_cfg, back.oneactor_eta2) == (0.0, 0.0)
+    kept = Settings(oneactor_eta2=2.0).with_value("oneactor_preset", "custom")
+    assert kept.oneactor_eta2 == 2.0 and kept.oneactor_preset == "custom"
+    with pytest.raises(SettingsError, match="'oneactor_preset': 'slow' is not one of fast, paper, custom"):
+        Settings.from_dict({"oneactor_preset": "slow"})
+    with pytest.raises(SettingsError, match="'oneactor_eta2'.*out of range"):
+        Settings.from_dict({"oneactor_eta2": 11})
+    assert Settings.from_infotext(paper.to_infotext()) == paper

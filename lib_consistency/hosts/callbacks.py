@@ -4,15 +4,43 @@ from __future__ import annotations
 from modules import shared
 
 from . import pipeline
+from .oneactor import create as oneactor_create, generation as oneactor
 
 
 def on_cfg_denoiser(params) -> None:
-    pipeline.on_cfg_denoiser(params)
+    pipeline.on_cfg_denoiser(params)  # first: the story's own conds, which OneActor's offsets then act on
+    oneactor.on_cfg_denoiser(params)
+    oneactor_create.on_cfg_denoiser(params)  # a character's base images: the rows of this step
+
+
+def on_cfg_denoised(params) -> None:
+    oneactor.on_cfg_denoised(params)
+
+
+def on_cfg_after_cfg(params) -> None:
+    oneactor.on_cfg_after_cfg(params)
 
 
 def on_before_ui() -> None:
+    from .oneactor.network import register_network
     from .xyz import register_xyz_axes
     register_xyz_axes()
+    register_network()
+
+
+def on_app_started(demo, app) -> None:
+    from .oneactor.api import register_api
+    register_api(demo, app)
+
+
+def on_ui_tabs():
+    from .oneactor.tab import build_tab
+    return build_tab()
+
+
+def on_ui_settings() -> None:
+    from .oneactor.network import register_settings
+    register_settings()
 
 
 def on_infotext_pasted(infotext, params) -> None:

@@ -199,3 +199,40 @@ def patch_unet(p, generation, attention: Attention) -> None:
     if attn2 is not None:
         unet.set_model_replace_all(attn2, "attn2")
     p.sd_model.forge_objects.unet = unet
+
+
+def oneactor_post_cfg(pending_for: Callable[[], Any], calc_batch: Callable, compile_conditions: Callable):
+    """``sampler_post_cfg_function`` adding OneActor's η2 term (Eq. 19) to the combined x0 prediction.
+
+    Host contract (``backend/sampling/sampling_function.py``): called after CFG with ``denoised``, the compiled
+    ``cond`` list, ``uncond_denoised`` (None when CFG 1 dropped the uncond), ``input``, ``sigma``, ``model`` and
+    ``model_options``. ``pending_for()`` gives this step's η2 inputs set by ``on_cfg_denoiser`` (None outside the
+    window); the η2 rows run through ``calc_cond_uncond_batch`` like the host's own cond rows, with the cond's
+    ControlNet and concat image."""
+    def post_cfg(args):
+        pending = pending_for()
+        denoised, uncond = args["denoised"], args.get("uncond_denoised")
+        if pending is None or uncond is None:
+            return denoised
+        context, vector = pending["context"], pending["vector"]
+        average = compile_conditions({"crossattn": context, "vector": vector} if vector is not None else context)
+        source = args["cond"][0] if args.get("cond") else {}
+        for entry in average:
+            if "control" in source:
+                entry["control"] = source["control"]
+            if "c_concat" in source.get("model_conds", {}):
+                entry["model_conds"]["c_concat"] = source["model_conds"]["c_concat"]
+        predicted, _ = calc_batch(args["model"], average, None, args["input"], args["sigma"], args["model_options"])
+        return denoised - pending["batch"].eta2 * (predicted - uncond)
+    return post_cfg
+
+
+def patch_oneactor(p, pending_for: Callable[[], Any]) -> None:
+    """Clone the current UNet patcher and add the η2 post-CFG function (from ``process_before_every_sampling``)."""
+    from backend.sampling.condition import compile_conditions
+    from backend.sampling.sampling_function import calc_cond_uncond_batch
+
+    unet = p.sd_model.forge_objects.unet.clone()
+    unet.set_model_sampler_post_cfg_function(oneactor_post_cfg(pending_for, calc_cond_uncond_batch,
+                                                               compile_conditions))
+    p.sd_model.forge_objects.unet = unet

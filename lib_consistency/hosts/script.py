@@ -7,6 +7,7 @@ from __future__ import annotations
 from modules import scripts
 
 from . import pipeline
+from .oneactor import generation as oneactor
 from .ui import build_ui
 
 TITLE = "Consistent Story"
@@ -25,10 +26,15 @@ class ConsistentStoryScript(scripts.Script):
         return build_ui(self, is_img2img)
 
     def before_process(self, p, *args):
+        try:  # OneActor's options act on <oneactor:...> tags whether the story methods are on or not
+            oneactor.remember_settings(p, pipeline.settings_for(p, args), None)
+        except Exception as error:
+            oneactor.remember_settings(p, None, error)
         pipeline.before_process(p, args)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         pipeline.process_before_every_sampling(p)
+        oneactor.process_before_every_sampling(p)
 
     def process(self, p, *args):
         pipeline.process(p)

@@ -36,6 +36,15 @@ def _engines(model: Any) -> list[tuple[str, Any]]:
     return found
 
 
+def clip_engine(model: Any) -> Any:
+    """The CLIP-L (SD1: the only CLIP) ``tokenize_line`` engine of ``model``; chunks line up across SDXL's two
+    encoders, so its positions are the context rows of both halves. RuntimeError without one."""
+    found = _engines(model) if model is not None else []
+    if not found:
+        raise RuntimeError("the checkpoint has no CLIP tokenizer with tokenize_line")
+    return found[0][1]
+
+
 def token_items(engine: Any) -> Tokenizer:
     """``text -> [(id, weight, embedding)]``: the content tokens ``engine.tokenize_line`` counts, in order."""
     def tokenize(text: str) -> list[TokenItem]:

@@ -11,16 +11,17 @@ import html
 from contextlib import nullcontext
 from typing import Any, Sequence
 
-from ..settings import INFOTEXT_PREFIX, PRESETS, Settings, infotext_key, option, option_keys
+from ..settings import INFOTEXT_PREFIX, ONEACTOR_PRESETS, PRESETS, Settings, infotext_key, option, option_keys
 from ..story import StoryError, parse_story
 from ..token_plan import TokenBudgetError, Tokenizer, plan_tokens, verify_token_plan
 from .tokenizers import model_tokenizers
 
-GROUPS = ("general", "1Prompt1Story", "StoryDiffusion", "StorySync")  # the method groups of Option.group
+GROUPS = ("general", "1Prompt1Story", "StoryDiffusion", "StorySync", "OneActor")  # the method groups of Option.group
 UNAVAILABLE_GROUPS: tuple[str, ...] = ()  # groups shown but not interactive (a method not available yet)
 STYLE_INFOTEXT_KEY = INFOTEXT_PREFIX + "Style"  # the user's own prompt (style), written by the pipeline
 SPANS_INFOTEXT_KEY = INFOTEXT_PREFIX + "Token spans"  # 1Prompt1Story token positions, written by the pipeline
 PRESET_KEYS = tuple(k for k in option_keys() if any(k in values for values in PRESETS.values()))
+ONEACTOR_PRESET_KEYS = tuple(k for k in option_keys() if any(k in v for v in ONEACTOR_PRESETS.values()))
 STORY_PLACEHOLDER = (
     "// one character: who the story is about, then one frame per line\n"
     "a watercolor fox with a white-tipped tail\n"
@@ -72,6 +73,8 @@ def build_ui(script: Any, is_img2img: bool) -> list:
 
     controls["preset"].input(fn=preset_updates, inputs=[controls["preset"]],
                              outputs=[controls[k] for k in PRESET_KEYS], show_progress=False)
+    controls["oneactor_preset"].input(fn=oneactor_preset_updates, inputs=[controls["oneactor_preset"]],
+                                      outputs=[controls[k] for k in ONEACTOR_PRESET_KEYS], show_progress=False)
 
     def update_status(text: str, consolidate: bool, window: float) -> str:
         return story_status(text, consolidate, window, host_tokenizers())
@@ -112,6 +115,14 @@ def preset_updates(name: str) -> list:
 
     values = PRESETS.get(name, {})
     return [gr.update(value=values[k]) if k in values else gr.update() for k in PRESET_KEYS]
+
+
+def oneactor_preset_updates(name: str) -> list:
+    """gradio updates for the ``ONEACTOR_PRESET_KEYS`` controls (``custom`` changes nothing)."""
+    import gradio as gr
+
+    values = ONEACTOR_PRESETS.get(name, {})
+    return [gr.update(value=values[k]) if k in values else gr.update() for k in ONEACTOR_PRESET_KEYS]
 
 
 def story_status(text: str, consolidate: bool, window: float, tokenizers: Sequence[tuple[str, Tokenizer]]) -> str:

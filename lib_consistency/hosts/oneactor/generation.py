@@ -1,0 +1,283 @@
+"""OneActor characters in generation, A1111 1.10 and Forge (methods.md §6.4-6.5; hosts.md §2.2, §4).
+
+A character is an extra network: ``<oneactor:NAME>`` or ``<oneactor:NAME:v>`` in any prompt. Host contract:
+``extra_networks.activate`` calls ``OneActorNetwork.activate`` once per batch, before the conds are built (and again
+for the hires networks inside ``sample_hr_pass``), even when no prompt names a character (``params_list`` empty);
+exceptions there are swallowed by the host, so an error is kept and raised from ``p.sample``, before any image.
+Each image's characters are read from its own prompt (``p.all_prompts`` / ``p.all_hr_prompts``: the host's parsed
+``extra_network_data`` merges the whole batch).
+
+Per denoiser call (``on_cfg_denoiser``, after the story pipeline's own swap): inside the window the cond rows get
+``v·Δ_tar`` on their base-word rows. With η2 > 0 the η2 row ``c + Δ_avg`` is evaluated once more per image after
+the host's own UNet calls and subtracted after CFG (``guidance.cluster_guidance``; in the x0 space the samplers
+combine in, an equivalent affine form): on A1111 from ``on_cfg_denoised`` (``inner_model`` call) and
+``on_cfg_after_cfg``; on Forge from a ``sampler_post_cfg_function`` on a clone of the UNet patcher. A step whose
+uncond is skipped (CFG 1, NGMS, skip-early-CFG) has no η2 term.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ...oneactor.character_file import CharacterFileError, checkpoint_warning, file_hash, load_character
+from ...oneactor.inference import CharacterUse, OneActorBatch, OneActorPromptError, base_word_positions
+from ...settings import Settings, SettingsError, infotext_key
+from ..tokenizers import clip_engine, token_items
+
+log = logging.getLogger(__name__)
+ATTRIBUTE = "consistent_story_oneactor"
+NETWORK = "oneactor"
+HASHES_INFOTEXT_KEY = "OneActor hashes"
+WARNING_INFOTEXT_KEY = "OneActor warning"
+ONEACTOR_KEYS = ("oneactor_preset", "oneactor_v", "oneactor_eta2", "oneactor_window", "oneactor_cfg")
+ARCH_WIDTH = {"sd15": 768, "sdxl": 2048}
+_current: "OneActorRun | None" = None  # the run whose step is being denoised (the hosts serialise generations)
+
+
+@dataclass
+class OneActorRun:
+    """Per-generation OneActor state, stored on ``p``: the settings and each pass's batch plan."""
+
+    settings: Settings | None
+    settings_error: Exception | None = None
+    iteration: int | None = None
+    first: OneActorBatch | None = None
+    hires: OneActorBatch | None = None
+    error: Exception | None = None
+    pending: dict[str, Any] | None = None      # this step's η2 inputs (on_cfg_denoiser -> denoised / post-cfg)
+    correction: torch.Tensor | None = None     # A1111: added to the combined result in on_cfg_after_cfg
+    hashes: dict[str, str] = field(default_factory=dict)
+    warnings: dict[str, str] = field(default_factory=dict)
+
+
+def remember_settings(p, settings: Settings | None, error: Exception | None) -> None:
+    """From the script's ``before_process`` (every job, story on or off): the OneActor options in force."""
+    setattr(p, ATTRIBUTE, OneActorRun(settings, error))
+
+
+def _run(p) -> OneActorRun:
+    run = getattr(p, ATTRIBUTE, None)
+    if run is None:  # a job without our script (another script's inner run): the options' defaults
+        run = OneActorRun(Settings())
+        setattr(p, ATTRIBUTE, run)
+    return run
+
+
+def _architecture(model) -> str | None:
+    return "sdxl" if getattr(model, "is_sdxl", False) else "sd15" if getattr(model, "is_sd1", False) else None
+
+
+def context_width(model) -> int:
+    """The width of the UNet's text context (cross-attention key input): what a character's Δ must match. Shrunken
+    test checkpoints differ from their architecture's 768 / 2048."""
+    forge = getattr(model, "forge_objects", None)
+    unet = forge.unet.model.diffusion_model if forge is not None else model.model.diffusion_model
+    for name, module in unet.named_modules():
+        if name.endswith("attn2.to_k"):
+            return int(module.in_features)
+    return ARCH_WIDTH[_architecture(model)]
+
+
+def _checkpoint_hash(model) -> str:
+    info = getattr(model, "sd_checkpoint_info", None)
+    return str(getattr(info, "shorthash", None) or getattr(model, "sd_model_hash", "") or "")
+
+
+def _image_uses(p, prompt: str, image: int, settings: Settings, cache: dict) -> tuple[CharacterUse, ...]:
+    from modules import extra_networks, prompt_parser
+
+    text, networks = extra_networks.parse_prompt(prompt)
+    tags = networks.get(NETWORK, [])
+    if not tags:
+        return ()
+    where = f"image {image + 1}"
+    if len(prompt_parser.get_learned_conditioning_prompt_schedules([text], max(int(p.steps), 1))[0]) > 1:
+        raise OneActorPromptError(f"OneActor: the prompt of {where} uses prompt editing ([a:b:when]); a character "
+                                  "needs one prompt for all steps")
+    arch = _architecture(p.sd_model)
+    if arch is None:
+        raise OneActorPromptError("OneActor: characters work with SD1.x and SDXL checkpoints only")
+    engine = clip_engine(p.sd_model)
+    chunks = [list(chunk.tokens) for chunk in engine.tokenize_line(text)[0]]
+    uses = []
+    for tag in tags:
+        items = list(tag.items)
+        if not 1 <= len(items) <= 2 or not items[0].strip():
+            raise OneActorPromptError(f"OneActor: {where}: '<oneactor:{':'.join(items)}>' must be "
+                                      "<oneactor:NAME> or <oneactor:NAME:v>")
+        name = items[0].strip()
+        v = settings.oneactor_v
+        if len(items) == 2:
+            try:
+                v = float(items[1])
+            except ValueError:
+                raise OneActorPromptError(f"OneActor: {where}: strength {items[1]!r} of character '{name}' is not "
+                                          "a number") from None
+        if name not in cache:
+            from .network import character_path
+            path = character_path(name)  # raises naming the character and the folder
+            cache[name] = load_character(path, arch=arch, width=context_width(p.sd_model))
+            _run(p).hashes[name] = file_hash(path)
+            warning = checkpoint_warning(cache[name], _checkpoint_hash(p.sd_model))
+            if warning:  # another checkpoint of the same architecture: works, said in the infotext
+                _run(p).warnings[name] = warning
+        character = cache[name]
+        word = [item[0] for item in token_items(engine)(character.base_word)]
+        rows = base_word_positions(chunks, word)
+        if not rows:
+            raise OneActorPromptError(f"OneActor: character '{name}' acts on the word '{character.base_word}', "
+                                      f"which the prompt of {where} does not contain; add it to the prompt")
+        uses.append(CharacterUse(name, character.delta_tar, character.delta_avg, v, rows))
+    return tuple(uses)
+
+
+def _batch(p, prompts: list[str], settings: Settings, cache: dict) -> OneActorBatch | None:
+    images = tuple(_image_uses(p, prompt, i, settings, cache) for i, prompt in enumerate(prompts))
+    batch = OneActorBatch(images, settings.oneactor_eta2, settings.oneactor_window)
+    return batch if batch.any else None
+
+
+def activate(p) -> None:
+    """``ExtraNetwork.activate``: plan this batch's characters for the first pass and hires (once per batch)."""
+    if not getattr(p, "all_prompts", None) or getattr(p, "iteration", None) is None:
+        return  # not a generation (the hosts also activate networks on a bare processing object)
+    run = _run(p)
+    if run.iteration == p.iteration or run.error is not None:
+        return  # the hires call of the same batch, or an error already kept
+    run.iteration, run.first, run.hires = p.iteration, None, None
+    size = p.batch_size
+    first = list(p.all_prompts[p.iteration * size:(p.iteration + 1) * size])
+    hires = list(getattr(p, "all_hr_prompts", None) or [])[p.iteration * size:(p.iteration + 1) * size]
+    if not any(f"<{NETWORK}:" in text for text in first + hires):
+        return
+    try:
+        if run.settings is None:
+            raise run.settings_error or SettingsError("oneactor", "settings unavailable")
+        from ..pipeline import RUN_ATTRIBUTE
+        story = getattr(p, RUN_ATTRIBUTE, None)
+        if story is not None and story.settings is not None and story.settings.consolidate:
+            raise OneActorPromptError("OneActor: characters cannot be combined with 1Prompt1Story consolidation "
+                                      "yet (the consolidated prompt has other token rows); turn 'Consolidate' off")
+        cache: dict = {}
+        run.first = _batch(p, first, run.settings, cache)
+        run.hires = _batch(p, hires, run.settings, cache) if getattr(p, "enable_hr", False) and hires else None
+        if run.settings.oneactor_cfg > 0:
+            p.cfg_scale = run.settings.oneactor_cfg  # eta1 acts as the CFG scale (Eq. 19)
+        _record_infotext(p, run)
+    except (OneActorPromptError, CharacterFileError, SettingsError, ValueError, OSError, RuntimeError) as error:
+        run.error = RuntimeError(str(error) if str(error).startswith(("OneActor", "Consistent Story"))
+                                 else f"OneActor: {error}")
+        _refuse_sampling(p, run.error)
+
+
+def _record_infotext(p, run: OneActorRun) -> None:
+    p.extra_generation_params[HASHES_INFOTEXT_KEY] = ", ".join(f"{n}: {h}" for n, h in run.hashes.items())
+    if run.warnings:
+        p.extra_generation_params[WARNING_INFOTEXT_KEY] = " ".join(run.warnings.values())
+    values = run.settings.to_infotext()
+    for key in ONEACTOR_KEYS:
+        p.extra_generation_params[infotext_key(key)] = values[infotext_key(key)]
+
+
+def _refuse_sampling(p, error: Exception) -> None:
+    original = p.sample
+
+    def sample(*args, **kwargs):
+        raise error
+    sample.consistent_story_original = original
+    p.sample = sample
+
+
+def deactivate(p) -> None:
+    global _current
+    run = getattr(p, ATTRIBUTE, None)
+    if run is not None:
+        run.pending = run.correction = None
+    if _current is run:
+        _current = None
+
+
+def on_cfg_denoiser(params) -> None:
+    """Inside the window: ``v·Δ_tar`` on the cond rows; with η2 > 0 keep the η2 row's inputs for this step."""
+    p = getattr(params.denoiser, "p", None)
+    run = getattr(p, ATTRIBUTE, None)
+    if run is None:
+        return
+    global _current
+    run.pending = run.correction = None
+    _current = run
+    batch = run.hires if getattr(p, "is_hr_pass", False) else run.first
+    if batch is None or not batch.active(int(params.sampling_step), int(params.total_sampling_steps)):
+        return
+    cond = params.text_cond
+    context = cond["crossattn"] if isinstance(cond, dict) else cond
+    if context.shape[0] != len(batch.images):
+        log.warning("OneActor: %d cond rows for %d images ('AND' prompt?); characters not applied this step",
+                    context.shape[0], len(batch.images))
+        return
+    with torch.no_grad():
+        if batch.needs_average and params.text_uncond is not None and not _uncond_skipped(params):
+            average = batch.average_context(context)
+            rows = len(batch.images)
+            run.pending = dict(batch=batch, context=average, vector=cond.get("vector") if isinstance(cond, dict)
+                               else None, x=params.x[:rows], sigma=params.sigma[:rows],
+                               image_cond=params.image_cond[:rows] if params.image_cond is not None else None,
+                               denoiser=params.denoiser)
+        target = batch.target_context(context)
+    if isinstance(cond, dict):  # SDXL DictWithShape: change the key in place, keep the instance
+        cond["crossattn"] = target
+    else:
+        params.text_cond = target
+
+
+def _uncond_skipped(params) -> bool:
+    from ..pipeline import _uncond_skipped as skipped
+    return skipped(params)
+
+
+def on_cfg_denoised(params) -> None:
+    """A1111: evaluate the η2 rows after the host's UNet calls and keep ``−η2·(ε_avg − ε(∅))`` (x0 space)."""
+    run = _current
+    if run is None or run.pending is None or "denoiser" not in run.pending:
+        return
+    pending, run.pending = run.pending, None
+    rows = pending["x"].shape[0]
+    if params.x.shape[0] != 2 * rows:
+        return  # an edit model's third block or AND rows: no η2 term
+    context = pending["context"]
+    cond = {"crossattn": context, "vector": pending["vector"]} if pending["vector"] is not None else context
+    image_cond = pending["image_cond"]
+    if isinstance(cond, dict):
+        condition = {**cond, "c_concat": [image_cond]}
+    else:
+        condition = {"c_crossattn": [cond], "c_concat": [image_cond]}
+    with torch.no_grad():
+        average = params.inner_model(pending["x"], pending["sigma"], cond=condition)
+    uncond = params.x[rows:]
+    correction = -pending["batch"].eta2 * (average - uncond)
+    denoiser = pending["denoiser"]
+    if getattr(denoiser, "mask", None) is not None and getattr(denoiser, "nmask", None) is not None:
+        correction = correction * denoiser.nmask  # inpainting: the kept area stays the original's
+    run.correction = correction
+
+
+def on_cfg_after_cfg(params) -> None:
+    """A1111: add the η2 correction to the combined prediction of this step."""
+    run = _current
+    if run is not None and run.correction is not None:
+        params.x = params.x + run.correction.to(params.x.dtype)
+        run.correction = None
+
+
+def process_before_every_sampling(p) -> None:
+    """Forge: the η2 post-CFG function on a fresh clone of the UNet patcher (again for each hires reset)."""
+    run = getattr(p, ATTRIBUTE, None)
+    if run is None or run.error is not None:
+        return
+    batches = [b for b in (run.first, run.hires) if b is not None]
+    if any(b.needs_average for b in batches) and hasattr(p.sd_model, "forge_objects"):
+        from ..forge import patch_oneactor
+        patch_oneactor(p, lambda: run.pending)

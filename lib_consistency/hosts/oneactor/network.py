@@ -1,0 +1,138 @@
+"""OneActor characters as an extra network of both WebUIs: the folder, ``<oneactor:...>`` and its card page.
+
+Host contract (A1111 1.10 / Forge ``modules/extra_networks.py``, ``modules/ui_extra_networks.py``): an
+``ExtraNetwork`` named ``oneactor`` is registered from ``on_before_ui`` (which also runs for ``--nowebui``), after
+the host's ``extra_networks.initialize()``; its ``activate(p, params_list)`` runs once per batch. The card page
+lists the ``*.safetensors`` character files of the folder (WebUI setting ``consistent_story_oneactor_dir``, default
+``models/oneactor``); a card's preview is ``NAME.preview.png`` beside the file, written from the preview the
+file holds when it is missing.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from modules import extra_networks, paths, shared, ui_extra_networks
+
+from ...oneactor.character_file import CharacterFileError, file_hash, list_characters, load_character
+from . import generation as oneactor
+
+log = logging.getLogger(__name__)
+FOLDER_OPTION = "consistent_story_oneactor_dir"
+PAGE_TITLE = "OneActor"
+
+
+class CharacterNotFoundError(FileNotFoundError):
+    """No file for a character name; the message names the character and the folder."""
+
+
+def characters_dir() -> Path:
+    """The character folder: the WebUI setting, else ``models/oneactor`` under the WebUI's models path."""
+    configured = str(shared.opts.data.get(FOLDER_OPTION) or "").strip()
+    return Path(configured) if configured else Path(paths.models_path) / "oneactor"
+
+
+def character_path_for(name: str) -> Path:
+    """Where character ``name`` is saved (the folder is created)."""
+    folder = characters_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}.safetensors"
+
+
+def describe_characters() -> list[dict]:
+    """Every character file of the folder as the API lists it; an unreadable one with its error."""
+    folder = characters_dir()
+    listed = []
+    for name, path in list_characters(folder) if folder.is_dir() else []:
+        try:
+            c = load_character(path)
+            listed.append({"name": name, "file": str(path), "hash": file_hash(path), "base_word": c.base_word,
+                           "arch": c.arch, "checkpoint_name": c.checkpoint_name,
+                           "checkpoint_hash": c.checkpoint_hash, "prompt": c.prompt, "seed": c.seed})
+        except CharacterFileError as error:
+            listed.append({"name": name, "file": str(path), "error": str(error)})
+    return listed
+
+
+def character_path(name: str) -> Path:
+    folder = characters_dir()
+    found = list_characters(folder) if folder.is_dir() else []
+    for stem, path in found:
+        if stem == name:
+            return path
+    known = ", ".join(stem for stem, _ in found) or "none"
+    raise CharacterNotFoundError(f"OneActor: no character '{name}' in {folder} (characters there: {known})")
+
+
+class OneActorNetwork(extra_networks.ExtraNetwork):
+    """``<oneactor:NAME>`` / ``<oneactor:NAME:v>``; the work is in ``hosts/oneactor.py``."""
+
+    def __init__(self):
+        super().__init__(oneactor.NETWORK)
+
+    def activate(self, p, params_list):
+        oneactor.activate(p)
+
+    def deactivate(self, p):
+        oneactor.deactivate(p)
+
+
+class OneActorPage(ui_extra_networks.ExtraNetworksPage):
+    """The Extra Networks tab of the characters: preview, base word and checkpoint on every card."""
+
+    def __init__(self):
+        super().__init__(PAGE_TITLE)
+
+    def refresh(self):
+        pass  # the folder is listed afresh on every call
+
+    def create_item(self, name, index=None, enable_filter=True):
+        try:
+            path = character_path(name)
+            character = load_character(path)
+        except (CharacterNotFoundError, CharacterFileError) as error:
+            log.warning("%s", error)
+            return None
+        preview = path.with_suffix(".preview.png")
+        if not preview.exists() and character.preview_png:
+            try:
+                preview.write_bytes(character.preview_png)
+            except OSError:
+                pass
+        base = str(path.with_suffix(""))
+        return {
+            "name": name,
+            "filename": str(path),
+            "shorthash": file_hash(path),
+            "preview": self.find_preview(base),
+            "description": f"base word '{character.base_word}', {character.arch.upper()}, made with "
+                           f"{character.checkpoint_name or 'an unknown checkpoint'}",
+            "search_terms": [self.search_terms_from_path(str(path)), character.base_word],
+            "prompt": ui_extra_networks.quote_js(f"<{oneactor.NETWORK}:{name}>"),
+            "local_preview": f"{base}.preview.png",
+            "sort_keys": {"default": index, **self.get_sort_keys(str(path))},
+        }
+
+    def list_items(self):
+        folder = characters_dir()
+        for index, (name, _) in enumerate(list_characters(folder) if folder.is_dir() else []):
+            item = self.create_item(name, index)
+            if item is not None:
+                yield item
+
+    def allowed_directories_for_previews(self):
+        return [str(characters_dir())]
+
+
+def register_network() -> None:
+    """``on_before_ui``: the extra network and its card page (idempotent across UI reloads)."""
+    extra_networks.register_extra_network(OneActorNetwork())
+    if not any(isinstance(page, OneActorPage) or type(page).__name__ == "OneActorPage"
+               for page in ui_extra_networks.extra_pages):
+        ui_extra_networks.register_page(OneActorPage())
+
+
+def register_settings() -> None:
+    """``on_ui_settings``: the folder option in the WebUI's Settings page."""
+    shared.opts.add_option(FOLDER_OPTION, shared.OptionInfo(
+        "", "OneActor character folder (empty: models/oneactor)", section=("consistent_story", "Consistent Story")))

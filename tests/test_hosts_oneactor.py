@@ -1,0 +1,230 @@
+"""OneActor in generation, against stand-ins of A1111 (tests/fake_webui.py): ``<oneactor:NAME[:v]>`` tags, Δ on
+the base-word rows only and only in the window, the η2 row and its correction after CFG, errors before sampling."""
+from __future__ import annotations
+
+import importlib
+import types
+
+import pytest
+import torch
+
+from lib_consistency.oneactor.character_file import Character, save_character
+from lib_consistency.settings import Settings
+from tests.conftest import tiny_clip_text_model
+from tests.fake_webui import ToyModel, ToyProcessing, install_stub_modules, parse_prompt
+
+STEPS, CFG = 3, 7.0
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return tiny_clip_text_model(768, seed=3)  # SD1.5's width: characters are checked against it
+
+
+@pytest.fixture
+def host(monkeypatch, clip_tokenizer, encoder, tmp_path):
+    mods = install_stub_modules(monkeypatch)
+    mods["modules.shared"].opts.data["consistent_story_oneactor_dir"] = str(tmp_path)
+    oneactor = importlib.import_module("lib_consistency.hosts.oneactor.generation")
+    return oneactor, ToyModel(clip_tokenizer, encoder), tmp_path
+
+
+def character(folder, name="hero", base_word="hobbit", seed=1, arch="sd15"):
+    width = 768 if arch == "sd15" else 2048
+    g = torch.Generator().manual_seed(seed)
+    made = Character(name, torch.randn(width, generator=g), torch.randn(width, generator=g), base_word, arch, width,
+                     "abcdef1234", "tiny.safetensors", f"a {base_word}", "", 42)
+    save_character(folder / f"{name}.safetensors", made)
+    return made
+
+
+def processing(model, prompts, **settings):
+    p = ToyProcessing(model, prompt=list(prompts), steps=STEPS)
+    p.all_prompts, p.batch_size, p.cfg_scale = list(prompts), len(prompts), CFG
+    return p
+
+
+def inner_model(model):
+    unet = model.model.diffusion_model
+
+    def call(x, sigma, cond):
+        with torch.no_grad():
+            return x - 0.05 * sigma[:, None, None, None] * unet(x, None, context=cond["c_crossattn"][0])
+    return call
+
+
+def sample(oneactor, p, settings=None, callbacks=True):
+    """A1111's ``CFGDenoiser.forward`` per step: [cond ; uncond] rows, on_cfg_denoiser, one UNet call,
+    on_cfg_denoised, CFG, on_cfg_after_cfg. Returns the final latent and the cond each step used."""
+    model = p.sd_model
+    if callbacks:
+        oneactor.remember_settings(p, settings or Settings(), None)
+        oneactor.activate(p)
+    texts = [parse_prompt(text)[0] for text in p.all_prompts]
+    cond, uncond = model.cond_stage_model.encode(texts), model.cond_stage_model.encode([""] * len(texts))
+    x = torch.randn(len(texts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    image_cond, inner, used = torch.zeros(len(texts), 5, 1, 1), inner_model(model), []
+    for step in range(STEPS):
+        sigma = torch.full((len(texts),), 10.0 - step)
+        params = types.SimpleNamespace(x=torch.cat([x, x]), image_cond=torch.cat([image_cond, image_cond]),
+                                       sigma=torch.cat([sigma, sigma]), sampling_step=step, total_sampling_steps=STEPS,
+                                       text_cond=cond, text_uncond=uncond,
+                                       denoiser=types.SimpleNamespace(p=p, step=step, total_steps=STEPS, mask=None))
+        if callbacks:
+            oneactor.on_cfg_denoiser(params)
+        used.append(params.text_cond)
+        x_out = inner(params.x, params.sigma, {"c_crossattn": [torch.cat([params.text_cond, uncond])],
+                                               "c_concat": [params.image_cond]})
+        denoised_params = types.SimpleNamespace(x=x_out, sampling_step=step, total_sampling_steps=STEPS,
+                                                inner_model=inner)
+        if callbacks:
+            oneactor.on_cfg_denoised(denoised_params)
+        b = len(texts)
+        denoised = x_out[b:] + p.cfg_scale * (x_out[:b] - x_out[b:])
+        after = types.SimpleNamespace(x=denoised, sampling_step=step, total_sampling_steps=STEPS)
+        if callbacks:
+            oneactor.on_cfg_after_cfg(after)
+        x = x + 0.5 * (after.x - x)
+    if callbacks:
+        oneactor.deactivate(p)
+    return x, used
+
+
+def base_rows(model, text, word):
+    chunks = [list(c.tokens) for c in model.cond_stage_model.tokenize_line(text)[0]]
+    ids = model.cond_stage_model.tokenizer(word, add_special_tokens=False)["input_ids"]
+    return [i for i in range(len(chunks[0]) - len(ids) + 1) if chunks[0][i:i + len(ids)] == ids]
+
+
+def test_prompts_without_tags_are_the_baseline_bit_for_bit(host):
+    oneactor, model, folder = host
+    character(folder)
+    prompts = ["a hobbit in a forest", "a hobbit at sea"]
+    plain, _ = sample(oneactor, processing(model, prompts), callbacks=False)
+    out, _ = sample(oneactor, processing(model, prompts), Settings(oneactor_eta2=1.0))
+    assert torch.equal(out, plain)
+
+
+def test_delta_reaches_only_the_tagged_images_base_word_rows_inside_the_window(host):
+    oneactor, model, folder = host
+    hero = character(folder)
+    prompts = ["<oneactor:hero:0.5> a hobbit in a forest", "a hobbit at sea"]
+    _, used = sample(oneactor, processing(model, prompts), Settings(oneactor_window=0.67))
+    _, plain = sample(oneactor, processing(model, prompts), callbacks=False)
+    rows = base_rows(model, "a hobbit in a forest", "hobbit")
+    assert rows == [2]
+    for step in (0, 1):  # round(3 · 0.67) = 2 steps in the window
+        changed = (used[step] != plain[step]).any(dim=-1)
+        assert changed.nonzero().tolist() == [[0, 2]]
+        expected = plain[step][0, 2].double() + 0.5 * hero.delta_tar.double()
+        assert torch.allclose(used[step][0, 2].double(), expected, atol=1e-5)
+    assert torch.equal(used[2], plain[2])
+
+
+def test_cluster_guidance_equals_a_float64_reference(host):
+    oneactor, model, folder = host
+    hero = character(folder)
+    prompts = ["<oneactor:hero> a photo of a hobbit"]
+    p = processing(model, prompts)
+    settings = Settings(oneactor_eta2=1.5, oneactor_v=0.8, oneactor_window=1.0)
+    oneactor.remember_settings(p, settings, None)
+    oneactor.activate(p)
+    seen = {}
+    original = oneactor.on_cfg_after_cfg
+
+    def spy(params):
+        seen.setdefault("before", params.x.clone())
+        original(params)
+        seen.setdefault("after", params.x.clone())
+    oneactor.on_cfg_after_cfg = spy
+    try:
+        sample(oneactor, p, settings)
+    finally:
+        oneactor.on_cfg_after_cfg = original
+    # independent reference for step 0: three predictions, combined in float64
+    text = "a photo of a hobbit"
+    cond, uncond = model.cond_stage_model.encode([text]), model.cond_stage_model.encode([""])
+    row = base_rows(model, text, "hobbit")[0]
+    tar, avg = cond.clone(), cond.clone()
+    tar[0, row] += 0.8 * hero.delta_tar
+    avg[0, row] += hero.delta_avg
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    inner, sigma, ic = inner_model(model), torch.full((1,), 10.0), torch.zeros(1, 5, 1, 1)
+    d = {name: inner(x, sigma, {"c_crossattn": [ctx], "c_concat": [ic]}).double()
+         for name, ctx in (("tar", tar), ("avg", avg), ("u", uncond))}
+    reference = d["u"] + CFG * (d["tar"] - d["u"]) - 1.5 * (d["avg"] - d["u"])
+    assert torch.allclose(seen["after"].double(), reference, atol=1e-4)
+    assert not torch.allclose(seen["before"], seen["after"])
+
+
+def test_v_zero_and_eta2_zero_is_plain_generation_bit_for_bit(host):
+    oneactor, model, folder = host
+    character(folder)
+    prompts = ["<oneactor:hero:0> a hobbit in a forest"]
+    plain, _ = sample(oneactor, processing(model, prompts), callbacks=False)
+    out, _ = sample(oneactor, processing(model, prompts), Settings(oneactor_eta2=0.0))
+    assert torch.equal(out, plain)
+
+
+def refused(oneactor, p, settings=None):
+    oneactor.remember_settings(p, settings or Settings(), None)
+    oneactor.activate(p)
+    with pytest.raises(RuntimeError) as error:
+        p.sample(lambda params: None)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("<oneactor:hero> a dwarf in a forest", "character 'hero' acts on the word 'hobbit', which the prompt of "
+                                            "image 1 does not contain"),
+    ("<oneactor:villain> a hobbit", "no character 'villain' in"),
+    ("<oneactor:hero:strong> a hobbit", "strength 'strong' of character 'hero' is not a number"),
+    ("<oneactor:hero:1:2> a hobbit", "must be <oneactor:NAME> or <oneactor:NAME:v>"),
+    ("<oneactor:hero> a [hobbit:dwarf:0.5]", "uses prompt editing"),
+])
+def test_bad_tags_are_refused_before_sampling_naming_the_problem(host, prompt, message):
+    oneactor, model, folder = host
+    character(folder)
+    assert message in refused(oneactor, processing(model, [prompt]))
+
+
+def test_a_character_for_another_architecture_is_refused(host):
+    oneactor, model, folder = host
+    character(folder, name="xl", arch="sdxl")
+    message = refused(oneactor, processing(model, ["<oneactor:xl> a hobbit"]))
+    assert "xl.safetensors" in message and "SDXL" in message and "SD1.5" in message
+
+
+def test_infotext_records_name_hash_and_options_and_cfg_follows_eta1(host):
+    oneactor, model, folder = host
+    character(folder)
+    p = processing(model, ["<oneactor:hero> a hobbit"])
+    settings = Settings().with_value("oneactor_preset", "paper")
+    sample(oneactor, p, settings)
+    from lib_consistency.oneactor.character_file import file_hash
+    assert p.extra_generation_params["OneActor hashes"] == f"hero: {file_hash(folder / 'hero.safetensors')}"
+    assert p.extra_generation_params["Story OneActor eta2"] == "1.0"
+    assert p.extra_generation_params["Story OneActor preset"] == "paper"
+    assert Settings.from_infotext(p.extra_generation_params).oneactor_eta2 == 1.0
+    assert p.cfg_scale == 8.5
+
+
+def test_two_characters_with_one_base_word_in_a_prompt_are_refused(host):
+    oneactor, model, folder = host
+    character(folder, name="a")
+    character(folder, name="b", seed=2)
+    message = refused(oneactor, processing(model, ["<oneactor:a> <oneactor:b> a hobbit"]))
+    assert "same base word" in message
+
+
+def test_another_checkpoint_of_the_same_architecture_warns_in_the_infotext_but_works(host):
+    oneactor, model, folder = host
+    character(folder)  # made on checkpoint [abcdef1234]
+    model.sd_checkpoint_info = types.SimpleNamespace(shorthash="0123456789")
+    p = processing(model, ["<oneactor:hero> a hobbit"])
+    out, used = sample(oneactor, p)
+    assert "was tuned on checkpoint 'tiny.safetensors' [abcdef1234]" in p.extra_generation_params["OneActor warning"]
+    model.sd_checkpoint_info = types.SimpleNamespace(shorthash="abcdef1234")
+    p = processing(model, ["<oneactor:hero> a hobbit"])
+    same, _ = sample(oneactor, p)
+    assert "OneActor warning" not in p.extra_generation_params and torch.equal(out, same)
