@@ -16,6 +16,7 @@ as something else.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -93,10 +94,20 @@ def consolidation_identity(style: str, story: Story) -> str:
     return ", ".join(part for part in (" ".join(style.split()), story.identity_prompt) if part)
 
 
+EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")  # the hosts' own pattern (modules/extra_networks.py)
+
+
+def without_extra_networks(text: str) -> str:
+    """``text`` without ``<lora:…>``, ``<oneactor:…>`` and other extra-network tags, spaces collapsed: the host
+    activates those per image from the frame prompts; they are not words of the consolidated prompt."""
+    return " ".join(EXTRA_NETWORK_TAG.sub("", text).split())
+
+
 def plan_consolidation(settings: Settings, story: Story, style: str, tokenize: Tokenizer) -> TokenPlan:
-    """Token plan of the consolidated prompt(s); ``style`` without the host's extra-network tags."""
-    identity = consolidation_identity(style, story)
-    return plan_tokens(identity, [f.prompt for f in story.frames], tokenize, window=settings.window)
+    """Token plan of the consolidated prompt(s), every piece without extra-network tags."""
+    identity = without_extra_networks(consolidation_identity(style, story))
+    return plan_tokens(identity, [without_extra_networks(f.prompt) for f in story.frames], tokenize,
+                       window=settings.window)
 
 
 Encode = Callable[[Sequence[str]], Sequence[torch.Tensor]]  # texts -> one [77, D] context per text

@@ -228,3 +228,30 @@ def test_another_checkpoint_of_the_same_architecture_warns_in_the_infotext_but_w
     p = processing(model, ["<oneactor:hero> a hobbit"])
     same, _ = sample(oneactor, p)
     assert "OneActor warning" not in p.extra_generation_params and torch.equal(out, same)
+
+
+def test_with_consolidation_delta_goes_on_the_base_word_of_each_frames_consolidated_prompt(host, monkeypatch):
+    oneactor, model, folder = host
+    hero = character(folder)
+    pipeline = importlib.import_module("lib_consistency.hosts.pipeline")
+    story = "a hobbit <oneactor:hero:0.5> with a red cloak\nwalks in the rain\nsleeps in a log"
+
+    def generate(text):
+        p = ToyProcessing(model, prompt="watercolor", steps=STEPS)
+        settings = Settings.from_dict({"enabled": True, "story": text, "storyboard": False})
+        oneactor.remember_settings(p, settings, None)
+        pipeline.before_process(p, settings.to_args())
+        p.all_prompts, p.cfg_scale = list(p.prompt), CFG
+        oneactor.activate(p)
+        p.sample(lambda params: (pipeline.on_cfg_denoiser(params), oneactor.on_cfg_denoiser(params)))
+        return p
+    tagged, plain = generate(story), generate(story.replace(" <oneactor:hero:0.5>", ""))
+    generation = getattr(plain, pipeline.RUN_ATTRIBUTE)
+    for frame, text in enumerate(f.text for f in generation.conditioning.token_plan.frames):
+        rows = base_rows(model, text, "hobbit")
+        assert rows and "<" not in text
+        changed = (tagged.seen_conds[0][frame] != plain.seen_conds[0][frame]).any(dim=-1).nonzero().flatten()
+        assert changed.tolist() == rows
+        expected = plain.seen_conds[0][frame, rows[0]].double() + 0.5 * hero.delta_tar.double()
+        assert torch.allclose(tagged.seen_conds[0][frame, rows[0]].double(), expected, atol=1e-5)
+    assert torch.equal(tagged.seen_conds[-1], plain.seen_conds[-1])  # step 3 of 3: outside the window

@@ -141,3 +141,16 @@ def test_one_frame_story_is_refused_with_consolidation_only():
         plan_story_run(settings(story=one), "", 1)
     plan = plan_story_run(settings(story=one, preset="StoryDiffusion"), "", 1)
     assert plan.frame_prompts == ("a fox with a white tail, sleeps in a log",)
+
+
+def test_consolidated_prompt_never_holds_extra_network_tags(tokenize):
+    from lib_consistency.story import parse_story
+    from lib_consistency.story_run import plan_consolidation, without_extra_networks
+    assert without_extra_networks("a hobbit <oneactor:hero:0.9>  with <lora:ink:1> a cloak") == \
+        "a hobbit with a cloak"
+    story = parse_story("a hobbit <oneactor:hero> with a red cloak\nwalks <lora:rain:0.5> in the rain\nsleeps")
+    plan = plan_consolidation(Settings(), story, "watercolor", tokenize)
+    clean = plan_consolidation(Settings(), parse_story("a hobbit with a red cloak\nwalks in the rain\nsleeps"),
+                               "watercolor", tokenize)
+    assert [f.text for f in plan.frames] == [f.text for f in clean.frames]
+    assert all("<" not in f.text for f in plan.frames)

@@ -14,12 +14,15 @@ Our choices (the paper and code leave them open or work on one word only):
   chunks, emphasis and embeddings as the host counts them); the offset goes on the **last token of every
   occurrence** (a word split into several BPE pieces ends in the piece that carries ``</w>``; CLIP's causal mask
   makes the last piece the one that has seen the whole word). Tuning uses the same rule (``base_word_positions``).
+- **With 1Prompt1Story consolidation** an image's cond rows hold its frame's consolidated prompt (identity, then
+  the frames of its window); the offsets go on every occurrence of the base word there (``rows_in``).
 - **Several characters in one prompt** each act on their own base word; two characters with the same base word in
   one prompt are refused (their offsets would add up on the same rows). One extra η2 row per image carries every
   character's ``Δ_avg``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -54,13 +57,15 @@ def base_word_positions(chunks: Sequence[Sequence[int]], word: Sequence[int]) ->
 
 @dataclass(frozen=True)
 class CharacterUse:
-    """One character tag of one image's prompt: its offsets (width,), strength v and base-word rows."""
+    """One character tag of one image's prompt: its offsets (width,), strength v, base-word rows and the base
+    word's token ids (to find its rows again in another text of the same image, e.g. a consolidated prompt)."""
 
     name: str
     delta_tar: torch.Tensor
     delta_avg: torch.Tensor
     v: float
     rows: tuple[int, ...]
+    word: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,13 @@ class OneActorBatch:
     def needs_average(self) -> bool:
         """η2 > 0 with a character somewhere: one extra cond row per image inside the window."""
         return self.eta2 > 0 and self.any
+
+    def rows_in(self, chunks_per_image: Sequence[Sequence[Sequence[int]]]) -> "OneActorBatch":
+        """The same characters with their rows found again in other token chunks per image (the consolidated
+        prompt each image's cond rows hold with 1Prompt1Story); an image whose chunks lack the word keeps none."""
+        images = tuple(tuple(dataclasses.replace(use, rows=base_word_positions(chunks, use.word)) for use in uses)
+                       for uses, chunks in zip(self.images, chunks_per_image))
+        return OneActorBatch(images, self.eta2, self.window)
 
     def active(self, step: int, total_steps: int) -> bool:
         """True on the steps (0-based) of the Δ window."""

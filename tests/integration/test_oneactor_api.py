@@ -97,13 +97,21 @@ def test_paper_preset_adds_cluster_guidance(character):
     assert image(paper) != image(fast)  # same CFG 8.5 and v: only the η2 row differs
 
 
-def test_tag_inside_a_story_description(character):
+@pytest.mark.parametrize("preset", ["StoryDiffusion", "1Prompt1Story"])
+def test_tag_inside_a_story_description(character, preset):
     story = "a hobbit <oneactor:ci_hero> with a red cloak\nwalks in the rain\n[NC] an empty road"
-    args = {"alwayson_scripts": {"consistent story": {"args": [{"enabled": True, "preset": "StoryDiffusion",
-                                                                "storyboard": False, "story": story}]}}}
-    status, body = txt2img(prompt="watercolor", **args)
-    assert status == 200, body
-    assert len(body["images"]) == 2 and "OneActor hashes" in json.loads(body["info"])["infotexts"][0]
+    bodies = []
+    for text in (story, story.replace(" <oneactor:ci_hero>", "")):
+        args = {"alwayson_scripts": {"consistent story": {"args": [{"enabled": True, "preset": preset,
+                                                                    "storyboard": False, "story": text}]}}}
+        status, body = txt2img(prompt="watercolor", **args)
+        assert status == 200, body
+        bodies.append(body)
+    infotexts = [json.loads(body["info"])["infotexts"][0] for body in bodies]
+    assert len(bodies[0]["images"]) == 2 and "OneActor hashes" in infotexts[0]
+    assert image(bodies[0]) != image(bodies[1])
+    spans = [[line for line in t.split(", ") if line.startswith("Story Token spans")] for t in infotexts]
+    assert spans[0] == spans[1]  # with consolidation: the tag is not a word of the consolidated prompt
 
 
 @pytest.mark.parametrize("prompt, words", [

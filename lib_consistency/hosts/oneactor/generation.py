@@ -8,7 +8,8 @@ Each image's characters are read from its own prompt (``p.all_prompts`` / ``p.al
 ``extra_network_data`` merges the whole batch).
 
 Per denoiser call (``on_cfg_denoiser``, after the story pipeline's own swap): inside the window the cond rows get
-``v·Δ_tar`` on their base-word rows. With η2 > 0 the η2 row ``c + Δ_avg`` is evaluated once more per image after
+``v·Δ_tar`` on their base-word rows (with 1Prompt1Story consolidation, the rows of the base word in each frame's
+consolidated prompt). With η2 > 0 the η2 row ``c + Δ_avg`` is evaluated once more per image after
 the host's own UNet calls and subtracted after CFG (``guidance.cluster_guidance``; in the x0 space the samplers
 combine in, an equivalent affine form): on A1111 from ``on_cfg_denoised`` (``inner_model`` call) and
 ``on_cfg_after_cfg``; on Forge from a ``sampler_post_cfg_function`` on a clone of the UNet patcher. A step whose
@@ -51,6 +52,7 @@ class OneActorRun:
     correction: torch.Tensor | None = None     # A1111: added to the combined result in on_cfg_after_cfg
     hashes: dict[str, str] = field(default_factory=dict)
     warnings: dict[str, str] = field(default_factory=dict)
+    rowed: dict[tuple, OneActorBatch] = field(default_factory=dict)  # consolidated rows per (batch, iteration)
 
 
 def remember_settings(p, settings: Settings | None, error: Exception | None) -> None:
@@ -130,7 +132,7 @@ def _image_uses(p, prompt: str, image: int, settings: Settings, cache: dict) -> 
         if not rows:
             raise OneActorPromptError(f"OneActor: character '{name}' acts on the word '{character.base_word}', "
                                       f"which the prompt of {where} does not contain; add it to the prompt")
-        uses.append(CharacterUse(name, character.delta_tar, character.delta_avg, v, rows))
+        uses.append(CharacterUse(name, character.delta_tar, character.delta_avg, v, rows, tuple(word)))
     return tuple(uses)
 
 
@@ -156,11 +158,6 @@ def activate(p) -> None:
     try:
         if run.settings is None:
             raise run.settings_error or SettingsError("oneactor", "settings unavailable")
-        from ..pipeline import RUN_ATTRIBUTE
-        story = getattr(p, RUN_ATTRIBUTE, None)
-        if story is not None and story.settings is not None and story.settings.consolidate:
-            raise OneActorPromptError("OneActor: characters cannot be combined with 1Prompt1Story consolidation "
-                                      "yet (the consolidated prompt has other token rows); turn 'Consolidate' off")
         cache: dict = {}
         run.first = _batch(p, first, run.settings, cache)
         run.hires = _batch(p, hires, run.settings, cache) if getattr(p, "enable_hr", False) and hires else None
@@ -209,7 +206,7 @@ def on_cfg_denoiser(params) -> None:
     global _current
     run.pending = run.correction = None
     _current = run
-    batch = run.hires if getattr(p, "is_hr_pass", False) else run.first
+    batch = _consolidated(p, run, run.hires if getattr(p, "is_hr_pass", False) else run.first)
     if batch is None or not batch.active(int(params.sampling_step), int(params.total_sampling_steps)):
         return
     cond = params.text_cond
@@ -231,6 +228,23 @@ def on_cfg_denoiser(params) -> None:
         cond["crossattn"] = target
     else:
         params.text_cond = target
+
+
+def _consolidated(p, run: OneActorRun, batch: OneActorBatch | None) -> OneActorBatch | None:
+    """With 1Prompt1Story consolidation the story pipeline has just put each frame's consolidated context into the
+    cond rows: the characters' rows are found again in those prompts (once per batch and pass; the token plan
+    exists from the first ``p.sample`` of the job, after this batch's ``activate``)."""
+    from ..pipeline import RUN_ATTRIBUTE
+    story = getattr(p, RUN_ATTRIBUTE, None)
+    conditioning = getattr(story, "conditioning", None)
+    if batch is None or conditioning is None or getattr(story, "batch_contexts", None) is None:
+        return batch
+    key = (id(batch), p.iteration)
+    if key not in run.rowed:
+        engine = clip_engine(p.sd_model)
+        texts = [conditioning.token_plan.frames[f].text for f in story.plan.batch_frames(p.iteration)]
+        run.rowed[key] = batch.rows_in([[list(c.tokens) for c in engine.tokenize_line(t)[0]] for t in texts])
+    return run.rowed[key]
 
 
 def _uncond_skipped(params) -> bool:
