@@ -178,13 +178,9 @@ class Settings:
         if unknown:
             raise SettingsError(str(unknown[0]), f"unknown key; valid keys: {', '.join(known)}")
         coerced = {k: _coerce(known[k], v) for k, v in values.items()}
-        preset = coerced.get("preset", DEFAULT_PRESET)
-        if preset not in PRESETS:
-            raise SettingsError("preset", f"{preset!r} is not one of {', '.join(PRESETS)}")
-        oneactor = coerced.get("oneactor_preset", "fast")
-        if oneactor not in ONEACTOR_PRESETS:
-            raise SettingsError("oneactor_preset", f"{oneactor!r} is not one of {', '.join(ONEACTOR_PRESETS)}")
-        return cls(**{**PRESETS[preset], **ONEACTOR_PRESETS[oneactor], **coerced})
+        story = _preset_values(PRESETS, "preset", coerced.get("preset", DEFAULT_PRESET))
+        oneactor = _preset_values(ONEACTOR_PRESETS, "oneactor_preset", coerced.get("oneactor_preset", "fast"))
+        return cls(**{**story, **oneactor, **coerced})
 
     @classmethod
     def from_args(cls, args: Sequence[Any]) -> "Settings":
@@ -220,9 +216,7 @@ class Settings:
     def with_preset(self, preset: str) -> "Settings":
         """A copy with ``preset`` selected and its method values applied (X/Y/Z preset axis, UI preset change)."""
         preset = _coerce(_field("preset"), preset)
-        if preset not in PRESETS:
-            raise SettingsError("preset", f"{preset!r} is not one of {', '.join(PRESETS)}")
-        return dataclasses.replace(self, preset=preset, **PRESETS[preset])
+        return dataclasses.replace(self, preset=preset, **_preset_values(PRESETS, "preset", preset))
 
     def with_value(self, key: str, value: Any) -> "Settings":
         """A copy with one value replaced after the same coercion and checks as the API (X/Y/Z axes)."""
@@ -230,13 +224,18 @@ class Settings:
             return self.with_preset(value)
         if key == "oneactor_preset":
             value = _coerce(_field(key), value)
-            if value not in ONEACTOR_PRESETS:
-                raise SettingsError(key, f"{value!r} is not one of {', '.join(ONEACTOR_PRESETS)}")
-            return dataclasses.replace(self, oneactor_preset=value, **ONEACTOR_PRESETS[value])
+            return dataclasses.replace(self, oneactor_preset=value, **_preset_values(ONEACTOR_PRESETS, key, value))
         return dataclasses.replace(self, **{key: _coerce(_field(key), value)})
 
 
 # --- per-field metadata helpers ---
+
+def _preset_values(table: Mapping[str, dict[str, Any]], key: str, name: Any) -> dict[str, Any]:
+    """The values preset ``name`` of ``table`` sets; SettingsError naming ``key`` for an unknown preset."""
+    if name not in table:
+        raise SettingsError(key, f"{name!r} is not one of {', '.join(table)}")
+    return table[name]
+
 
 def _field(key: str) -> dataclasses.Field:
     for f in dataclasses.fields(Settings):

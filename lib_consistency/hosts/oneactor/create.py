@@ -29,7 +29,7 @@ from ...oneactor.request import CreateRequest
 from ...oneactor.tuning import TuningConfig, TuningInterrupted, TuningSample, tune
 from ...row_layout import UNKNOWN_LAYOUT, A1111RowCursor, Role, a1111_step_plan, forge_row_layout
 from ..tokenizers import clip_engine, token_items
-from .generation import ARCH_WIDTH, context_width
+from .generation import ARCH_WIDTH, architecture, checkpoint_identity, context_width, unet_module
 from .network import character_path_for
 
 CAPTURE_ATTRIBUTE = "consistent_story_oneactor_capture"
@@ -61,12 +61,6 @@ def on_cfg_denoiser(params) -> None:
         capture.cursor.start_step(a1111_step_plan([1] * capture.batch, p.iteration * capture.batch))
         if _uncond_skipped(params):
             capture.cursor.drop_uncond()
-
-
-def unet_module(model) -> torch.nn.Module:
-    """The ldm-style UNet module: A1111 ``model.diffusion_model``; Forge the patcher's ``model.diffusion_model``."""
-    forge = getattr(model, "forge_objects", None)
-    return forge.unet.model.diffusion_model if forge is not None else model.model.diffusion_model
 
 
 def _capture_hooks(p, unet: torch.nn.Module, capture: Capture) -> list:
@@ -223,7 +217,7 @@ def create_character(request: CreateRequest, model=None) -> dict[str, Any]:
         if hasattr(sd_models, "forge_model_reload"):  # Forge loads the selected checkpoint on demand
             sd_models.forge_model_reload()
         model = shared.sd_model
-    arch = "sdxl" if getattr(model, "is_sdxl", False) else "sd15" if getattr(model, "is_sd1", False) else None
+    arch = architecture(model)
     if arch is None:
         raise CreateError("OneActor: characters can be made with SD1.x and SDXL checkpoints only")
     if context_width(model) != ARCH_WIDTH[arch]:
@@ -254,7 +248,7 @@ def create_character(request: CreateRequest, model=None) -> dict[str, Any]:
                               f"{len(capture.latents)} latents; another extension changed the sampling?")
         result, config = _tune(request, model, arch, capture, seed)
     character = Character(request.name, result.delta_tar.cpu(), result.delta_avg.cpu(), request.base_word.strip(),
-                          arch, ARCH_WIDTH[arch], _checkpoint(model)[0], _checkpoint(model)[1], request.prompt,
+                          arch, ARCH_WIDTH[arch], *checkpoint_identity(model), request.prompt,
                           request.negative_prompt, seed, _recorded(request, config, result),
                           _png(target_image))
     save_character(path, character)
@@ -297,14 +291,6 @@ def _tune(request: CreateRequest, model, arch: str, capture: Capture, seed: int)
     finally:
         del projector
     return result, config
-
-
-def _checkpoint(model) -> tuple[str, str]:
-    info = getattr(model, "sd_checkpoint_info", None)
-    shorthash = getattr(info, "shorthash", None)
-    if not shorthash and hasattr(info, "calculate_shorthash"):
-        shorthash = info.calculate_shorthash()
-    return str(shorthash or getattr(model, "sd_model_hash", "") or ""), str(getattr(info, "name", "") or "")
 
 
 def _recorded(request: CreateRequest, config: TuningConfig, result) -> dict[str, Any]:

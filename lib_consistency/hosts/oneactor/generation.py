@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from ...oneactor.character_file import CharacterFileError, checkpoint_warning, file_hash, load_character
+from ...oneactor.character_file import ARCH_WIDTHS as ARCH_WIDTH, CharacterFileError, checkpoint_warning, file_hash, \
+    load_character
 from ...oneactor.inference import CharacterUse, OneActorBatch, OneActorPromptError, base_word_positions
 from ...settings import Settings, SettingsError, infotext_key
 from ..tokenizers import clip_engine, token_items
@@ -34,7 +35,6 @@ NETWORK = "oneactor"
 HASHES_INFOTEXT_KEY = "OneActor hashes"
 WARNING_INFOTEXT_KEY = "OneActor warning"
 ONEACTOR_KEYS = ("oneactor_preset", "oneactor_v", "oneactor_eta2", "oneactor_window", "oneactor_cfg")
-ARCH_WIDTH = {"sd15": 768, "sdxl": 2048}
 _current: "OneActorRun | None" = None  # the run whose step is being denoised (the hosts serialise generations)
 
 
@@ -68,24 +68,33 @@ def _run(p) -> OneActorRun:
     return run
 
 
-def _architecture(model) -> str | None:
+def architecture(model) -> str | None:
+    """"sd15" or "sdxl" (the model flags both hosts set), None for anything else."""
     return "sdxl" if getattr(model, "is_sdxl", False) else "sd15" if getattr(model, "is_sd1", False) else None
+
+
+def unet_module(model) -> torch.nn.Module:
+    """The ldm-style UNet module: A1111 ``model.diffusion_model``; Forge the patcher's ``model.diffusion_model``."""
+    forge = getattr(model, "forge_objects", None)
+    return forge.unet.model.diffusion_model if forge is not None else model.model.diffusion_model
 
 
 def context_width(model) -> int:
     """The width of the UNet's text context (cross-attention key input): what a character's Δ must match. Shrunken
     test checkpoints differ from their architecture's 768 / 2048."""
-    forge = getattr(model, "forge_objects", None)
-    unet = forge.unet.model.diffusion_model if forge is not None else model.model.diffusion_model
-    for name, module in unet.named_modules():
+    for name, module in unet_module(model).named_modules():
         if name.endswith("attn2.to_k"):
             return int(module.in_features)
-    return ARCH_WIDTH[_architecture(model)]
+    return ARCH_WIDTH[architecture(model)]
 
 
-def _checkpoint_hash(model) -> str:
+def checkpoint_identity(model) -> tuple[str, str]:
+    """(short sha256 hash, name) of the loaded checkpoint, as the WebUI shows them; empty when unknown."""
     info = getattr(model, "sd_checkpoint_info", None)
-    return str(getattr(info, "shorthash", None) or getattr(model, "sd_model_hash", "") or "")
+    shorthash = getattr(info, "shorthash", None)
+    if not shorthash and hasattr(info, "calculate_shorthash"):
+        shorthash = info.calculate_shorthash()
+    return str(shorthash or getattr(model, "sd_model_hash", "") or ""), str(getattr(info, "name", "") or "")
 
 
 def _image_uses(p, prompt: str, image: int, settings: Settings, cache: dict) -> tuple[CharacterUse, ...]:
@@ -99,7 +108,7 @@ def _image_uses(p, prompt: str, image: int, settings: Settings, cache: dict) -> 
     if len(prompt_parser.get_learned_conditioning_prompt_schedules([text], max(int(p.steps), 1))[0]) > 1:
         raise OneActorPromptError(f"OneActor: the prompt of {where} uses prompt editing ([a:b:when]); a character "
                                   "needs one prompt for all steps")
-    arch = _architecture(p.sd_model)
+    arch = architecture(p.sd_model)
     if arch is None:
         raise OneActorPromptError("OneActor: characters work with SD1.x and SDXL checkpoints only")
     engine = clip_engine(p.sd_model)
@@ -123,7 +132,7 @@ def _image_uses(p, prompt: str, image: int, settings: Settings, cache: dict) -> 
             path = character_path(name)  # raises naming the character and the folder
             cache[name] = load_character(path, arch=arch, width=context_width(p.sd_model))
             _run(p).hashes[name] = file_hash(path)
-            warning = checkpoint_warning(cache[name], _checkpoint_hash(p.sd_model))
+            warning = checkpoint_warning(cache[name], checkpoint_identity(p.sd_model)[0])
             if warning:  # another checkpoint of the same architecture: works, said in the infotext
                 _run(p).warnings[name] = warning
         character = cache[name]
@@ -180,11 +189,8 @@ def _record_infotext(p, run: OneActorRun) -> None:
 
 
 def _refuse_sampling(p, error: Exception) -> None:
-    original = p.sample
-
     def sample(*args, **kwargs):
         raise error
-    sample.consistent_story_original = original
     p.sample = sample
 
 
