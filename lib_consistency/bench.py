@@ -8,7 +8,8 @@ Cost model: each frame attends N·(1 + r·(B−1)) keys instead of N, so attenti
 the FLOPs bound ``1 + r·(B−1)`` (Q and output projections do not grow). Printed per case: time ratio, peak-memory
 ratio and the bound. The last line is the largest time ratio divided by its bound over all cases.
 
-Timing (CUDA events on CUDA, ``time.perf_counter`` on CPU): plain and shared runs alternate, p0 s0 p1 s1 ... p_n;
+Timing (CUDA events on CUDA, ``time.perf_counter`` on CPU; ``sandwiched_on_device`` times GPU work alone, for the
+StorySync part): plain and shared runs alternate, p0 s0 p1 s1 ... p_n;
 the time ratio is the median over i of s_i / mean(p_i, p_i+1), so drift and contention from other processes on a
 shared machine hit both sides of every ratio. The CPU default halves every
 token-grid side (a quarter of the tokens) so the run fits in about 2 minutes on 2 cores; ``--side-divisor 1`` runs
@@ -117,6 +118,77 @@ def _seconds(call: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - began
 
 
+def _sleep_cycles_per_second() -> float:
+    """GPU clock cycles per second of ``torch.cuda._sleep`` (calibrated once with CUDA events)."""
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    stop.record()
+    torch.cuda.synchronize()
+    return 10_000_000 / (start.elapsed_time(stop) / 1000.0)
+
+
+def _queued_seconds(call: Callable[[], object], calls: int, host_seconds: float) -> tuple[float, bool]:
+    """GPU time of one ``call`` with the host out of the way: (seconds per call, whether the queue held).
+
+    The GPU first sleeps for 2·calls·host_seconds + 5 ms while the host queues ``calls`` calls behind it; CUDA
+    events around the calls then time the GPU's own work (kernels and their gaps on the device), not the host's
+    Python between launches. This is how a layer costs inside a UNet whose queue runs ahead of the host, and it
+    holds only for a call that never synchronises (an index copied from pageable memory, ``.item()``, a boolean
+    mask index would make the host wait for the sleep). ``held`` is False when the host was still queueing after
+    the sleep ended (its real length, timed by events around it): then host gaps are in the figure too.
+    """
+    global _CYCLES
+    if _CYCLES is None:
+        _CYCLES = _sleep_cycles_per_second()
+    sleep = 2 * calls * host_seconds + 0.005
+    asleep, start, stop = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+    torch.cuda.synchronize()
+    asleep.record()
+    began = time.perf_counter()
+    torch.cuda._sleep(int(sleep * _CYCLES))
+    start.record()
+    for _ in range(calls):
+        call()
+    stop.record()
+    queued = time.perf_counter() - began
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / 1000.0 / calls, queued < asleep.elapsed_time(start) / 1000.0
+
+
+_CYCLES: float | None = None
+
+
+def sandwiched_on_device(plain: Callable[[], object], hooked: Callable[[], object], repeats: int,
+                         calls: int = 5) -> tuple[float, float, float, bool]:
+    """``_sandwiched`` with ``_queued_seconds`` blocks of ``calls`` calls (CUDA only): median plain and hooked GPU
+    seconds per call, median ratio, and whether every block's queue held."""
+    def wall(call: Callable[[], object]) -> float:  # an upper bound of the host's time per call
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        return time.perf_counter() - began
+
+    host = {id(plain): wall(plain), id(hooked): wall(hooked)}
+    held = True
+
+    def timed(call: Callable[[], object]) -> float:
+        nonlocal held
+        seconds, ok = _queued_seconds(call, calls, host[id(call)])
+        held &= ok
+        return seconds
+
+    plain_times = [timed(plain)]
+    hooked_times = []
+    for _ in range(repeats):
+        hooked_times.append(timed(hooked))
+        plain_times.append(timed(plain))
+    ratios = [s / ((before + after) / 2) for s, before, after in zip(hooked_times, plain_times, plain_times[1:])]
+    return statistics.median(plain_times), statistics.median(hooked_times), statistics.median(ratios), held
+
+
 def _peak_bytes(call: Callable[[], object], device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -214,23 +286,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 10 CUDA, 3 CPU)")
     parser.add_argument("--side-divisor", type=int, default=None,
                         help="divide every token-grid side (default 1 on CUDA, 2 on CPU: a quarter of the tokens)")
-    parser.add_argument("--only", choices=("csa", "storysync", "oneactor"), default=None,
+    parser.add_argument("--only", choices=("csa", "storysync", "oneactor", "storysync-unet"), default=None,
                         help="run one part (default: CSA, then StorySync: bench_storysync; OneActor tuning, "
                              "bench_oneactor, only when named)")
-    parser.add_argument("--oneactor-arch", choices=("sd15", "sdxl"), default="sd15",
-                        help="UNet for --only oneactor (default sd15)")
-    parser.add_argument("--oneactor-latent-side", type=int, default=None,
-                        help="latent side for --only oneactor (default: the real 64 for sd15, 128 for sdxl)")
+    parser.add_argument("--arch", "--oneactor-arch", dest="arch", choices=("sd15", "sdxl"), default="sd15",
+                        help="UNet for --only oneactor and --only storysync-unet (default sd15)")
+    parser.add_argument("--latent-side", "--oneactor-latent-side", dest="latent_side", type=int, default=None,
+                        help="latent side for --only oneactor / storysync-unet (default: the real 64 for sd15, "
+                             "128 for sdxl)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
     if args.only == "oneactor":
         from .bench_oneactor import run_inference_bench, run_tuning_bench  # import diffusers when run
-        run_inference_bench(args.oneactor_arch, device, torch.float16 if on_cuda else torch.float32,
-                            latent_side=args.oneactor_latent_side)
+        run_inference_bench(args.arch, device, torch.float16 if on_cuda else torch.float32,
+                            latent_side=args.latent_side)
         # bf16 for tuning: fp16 gradients through a frozen fp16 UNet overflow more easily
-        run_tuning_bench(args.oneactor_arch, device, torch.bfloat16 if on_cuda else torch.float32,
-                         latent_side=args.oneactor_latent_side)
+        run_tuning_bench(args.arch, device, torch.bfloat16 if on_cuda else torch.float32,
+                         latent_side=args.latent_side)
+        return
+    if args.only == "storysync-unet":
+        from .bench_storysync_unet import run as run_unet  # imports diffusers when run
+        run_unet(args.arch, device, torch.float16 if on_cuda else torch.float32, latent_side=args.latent_side)
         return
     repeats = args.repeats or (10 if on_cuda else 3)
     divisor = args.side_divisor or (1 if on_cuda else 2)

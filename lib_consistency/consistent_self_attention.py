@@ -37,6 +37,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .async_index import device_index, index_tensor
 from .row_layout import Role, RowLayout, TokenGrid
 
 LayerAddress = tuple[str, int, int]  # ("input" | "middle" | "output", block index, transformer index)
@@ -167,7 +168,7 @@ class RowGroup:
         """(rows (G,), peers (G, k)) as int64 tensors on ``device``, built once per device."""
         cached = self._device_tensors.get(device)
         if cached is None:
-            cached = (torch.tensor(self.rows, device=device), torch.tensor(self.peers, device=device))
+            cached = (index_tensor(self.rows, device), device_index(torch.tensor(self.peers, dtype=torch.long), device))
             self._device_tensors[device] = cached
         return cached
 
@@ -251,7 +252,7 @@ def contexts_with_row_extras(hidden: torch.Tensor, extras: Sequence[torch.Tensor
             by_length.setdefault(extra.shape[0], []).append(row)
     groups = []
     for rows in by_length.values():
-        own = hidden[rows] if len(rows) < hidden.shape[0] else hidden
+        own = hidden.index_select(0, index_tensor(rows, hidden.device)) if len(rows) < hidden.shape[0] else hidden
         context = torch.cat((own, torch.stack([extras[row] for row in rows])), dim=1)
         groups.append(ContextGroup(tuple(rows), context))
     return groups
@@ -282,9 +283,11 @@ def attend_in_groups(attention: Attention, hidden: torch.Tensor, groups: Sequenc
     calls = [(group.rows, group.context) for group in groups]
     if plain_rows:
         calls.append((plain_rows, None))
+    # every call's row index in one asynchronous copy
+    indices = index_tensor([row for rows, _ in calls for row in rows], hidden.device).split(
+        [len(rows) for rows, _ in calls])
     output = None
-    for rows, context in calls:
-        index = torch.tensor(rows, device=hidden.device)
+    for (rows, context), index in zip(calls, indices):
         result = attention(hidden.index_select(0, index), context)
         if output is None:
             output = result.new_empty((num_rows,) + tuple(result.shape[1:]))

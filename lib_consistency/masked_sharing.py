@@ -29,21 +29,13 @@ from typing import Collection, Mapping, Sequence
 
 import torch
 
+from .async_index import device_index
 from .consistent_self_attention import SHARING_ROLES, ContextGroup, FrameGroups, frames_share, stable_seed
 from .row_layout import Role, RowLayout
 from .subject_masks import drop_mask
 
 CharacterMasks = Mapping[int, Mapping[str, torch.Tensor]]  # frame -> {character: bool [N] subject mask}
 RowPeers = Sequence[Sequence[tuple[int, torch.Tensor]]]  # per row: (peer row, bool [N] token mask) in order
-
-
-def device_index(index: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU index tensor on ``device`` without waiting for the GPU: pinned, then copied asynchronously (a plain
-    host-to-device copy would synchronise the stream). Masks live on the CPU (``story_sync``), so building indices
-    from them never stalls the GPU queue."""
-    if index.device == torch.device(device) or torch.device(device).type != "cuda":
-        return index.to(device)
-    return index.pin_memory().to(device, non_blocking=True)
 
 
 def masked_peer_contexts(hidden: torch.Tensor, peers: RowPeers) -> list[ContextGroup]:
@@ -54,52 +46,57 @@ def masked_peer_contexts(hidden: torch.Tensor, peers: RowPeers) -> list[ContextG
     Rows with equal context lengths share one ContextGroup (one host attention call per distinct length, see
     ``attend_in_groups``); rows that receive no peer token get no group and attend plainly.
     Cost: context lengths depend on the masks, so the indices are built on the CPU: masks already there (as
-    ``story_sync`` keeps them) cost no device sync, others one transfer. One ``nonzero`` per distinct list of peer
-    masks (a frame's cond and uncond rows share theirs), one pinned asynchronous copy and one ``index_select`` per
-    group gather own and peer tokens straight into the context.
+    ``story_sync`` keeps them) cost no device sync, others one transfer. The CPU work is a fixed handful of tensor
+    ops whatever the number of rows (one (R, 1 + k, N) visibility table, one ``nonzero``, one split); the GPU gets
+    one asynchronous index copy for all groups and one ``index_select`` per group, gathering own and peer tokens
+    straight into the context.
     """
     num_rows, num_tokens, channels = hidden.shape
     if len(peers) != num_rows:
         raise ValueError(f"masked_peer_contexts: {len(peers)} peer lists for {num_rows} rows")
-    pairs = [(row, peer, mask) for row, row_peers in enumerate(peers) for peer, mask in row_peers]
-    if len({(row, peer) for row, peer, _ in pairs}) < len(pairs):
-        raise ValueError("masked_peer_contexts: a row lists the same peer row twice")
-    for row, peer, mask in pairs:
-        if not 0 <= peer < num_rows or peer == row:
-            raise ValueError(f"masked_peer_contexts: row {row} lists peer row {peer} (rows 0..{num_rows - 1})")
-        if mask.dtype != torch.bool or tuple(mask.shape) != (num_tokens,):
-            raise ValueError(f"masked_peer_contexts: row {row}'s mask of peer {peer} is {mask.dtype} "
-                             f"{tuple(mask.shape)}, expected bool ({num_tokens},)")
-    if not pairs:
-        return []
-    mask_device = pairs[0][2].device
-    if mask_device.type != "cpu":  # one transfer (a device sync) for all of them
-        moved = torch.stack([mask.to(mask_device) for _, _, mask in pairs]).cpu()
-        cpu_of = {id(mask): moved[i] for i, (_, _, mask) in enumerate(pairs)}
-    else:
-        cpu_of = {id(mask): mask for _, _, mask in pairs}
-    own = torch.arange(num_tokens)
-    selected: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # mask ids -> (which peer, token)
-    by_length: dict[int, list[tuple[int, torch.Tensor]]] = {}
     for row, row_peers in enumerate(peers):
-        if not row_peers:
-            continue
-        key = tuple(id(mask) for _, mask in row_peers)
-        if key not in selected:
-            hits = torch.stack([cpu_of[id(mask)] for _, mask in row_peers]).nonzero()  # peer order, token order
-            selected[key] = (hits[:, 0], hits[:, 1])
-        which, token = selected[key]
-        if token.numel() == 0:
-            continue  # no peer token: plain attention
-        peer_rows = torch.tensor([peer for peer, _ in row_peers])
-        index = torch.cat([row * num_tokens + own, peer_rows[which] * num_tokens + token])
-        by_length.setdefault(index.numel(), []).append((row, index))
+        seen = set()
+        for peer, mask in row_peers:
+            if not 0 <= peer < num_rows or peer == row:
+                raise ValueError(f"masked_peer_contexts: row {row} lists peer row {peer} (rows 0..{num_rows - 1})")
+            if peer in seen:
+                raise ValueError("masked_peer_contexts: a row lists the same peer row twice")
+            seen.add(peer)
+            if mask.dtype != torch.bool or tuple(mask.shape) != (num_tokens,):
+                raise ValueError(f"masked_peer_contexts: row {row}'s mask of peer {peer} is {mask.dtype} "
+                                 f"{tuple(mask.shape)}, expected bool ({num_tokens},)")
+    sharing = [row for row, row_peers in enumerate(peers) if row_peers]
+    if not sharing:
+        return []
+    masks = [mask for row in sharing for _, mask in peers[row]]
+    if masks[0].device.type != "cpu":  # one transfer (a device sync) for all of them
+        masks = list(torch.stack([mask.to(masks[0].device) for mask in masks]).cpu())
+    slots = 1 + max(len(peers[row]) for row in sharing)
+    own, empty = torch.ones(num_tokens, dtype=torch.bool), torch.zeros(num_tokens, dtype=torch.bool)
+    planes, source, flat_masks = [], [], iter(masks)
+    for row in sharing:  # slot 0: own tokens, then the peers, then empty slots up to ``slots``
+        padding = slots - 1 - len(peers[row])
+        planes += [own, *(next(flat_masks) for _ in peers[row]), *([empty] * padding)]
+        source.append([row, *(peer for peer, _ in peers[row]), *([0] * padding)])
+    visible = torch.stack(planes).view(len(sharing), slots, num_tokens)
+    source = torch.tensor(source)  # (rows, slots): the row each slot reads
+    where = visible.nonzero()  # (K, 3) in (row, slot, token) order: own first, then peers in the given order
+    flat = source[where[:, 0], where[:, 1]] * num_tokens + where[:, 2]
+    lengths = visible.sum((1, 2)).tolist()  # a CPU tensor: no device sync
+    by_length: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        if length > num_tokens:  # a row that receives no peer token attends plainly
+            by_length.setdefault(length, []).append(i)
+    if not by_length:
+        return []
+    parts = flat.split(lengths)
+    ordered = [(length, members) for length, members in by_length.items()]
+    packed = device_index(torch.cat([parts[i] for _, members in ordered for i in members]), hidden.device)
     flat_hidden = hidden.reshape(num_rows * num_tokens, channels)
     groups = []
-    for members in by_length.values():
-        index = device_index(torch.stack([index for _, index in members]), hidden.device)  # (G, L) flat indices
-        context = flat_hidden.index_select(0, index.flatten()).view(len(members), -1, channels)
-        groups.append(ContextGroup(tuple(row for row, _ in members), context))
+    for (length, members), index in zip(ordered, packed.split([length * len(m) for length, m in ordered])):
+        context = flat_hidden.index_select(0, index).view(len(members), length, channels)  # (G, L, C)
+        groups.append(ContextGroup(tuple(sharing[i] for i in members), context))
     return groups
 
 

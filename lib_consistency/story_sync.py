@@ -32,11 +32,12 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .async_index import index_tensor
 from .attention_hooks import BankMode
 from .consistent_self_attention import (ContextGroup, LayerAddress, LayerPolicy, Schedule, StepKey, attend_in_groups,
                                         contexts_with_row_extras, layer_is_selected, layer_key, share_at_step,
                                         stable_seed)
-from .feature_harmonization import harmonize_characters
+from .feature_harmonization import harmonize_rows
 from .masked_sharing import masked_peer_contexts, reference_extras, sharing_masks
 from .reference_bank import BankKey, ReferenceBank
 from .row_layout import UNKNOWN_LAYOUT, Role, RowLayout, token_grid
@@ -146,24 +147,42 @@ class StorySyncState:
         """q: [len(rows), Q, H·d] projected image queries and k: [len(rows), T, H·d] projected text keys of the
         call's rows ``rows`` (the cond rows)."""
         grid = self._grid(q.shape[1])
+        usable = []  # (i, frame, its columns) of rows whose frame has subject tokens within this context
         for i, row in enumerate(rows):
             frame = self.layout.frames[row]
             columns = self._columns.get(frame)
-            if columns is None or not columns[1] or max(columns[1]) >= k.shape[1]:
-                continue
-            probabilities = subject_probabilities(q[i:i + 1], k[i:i + 1], heads, columns[1])
-            self._accumulator.add([frame], character_maps(probabilities, columns[2]), (grid.height, grid.width))
+            if columns is not None and columns[1] and max(columns[1]) < k.shape[1]:
+                usable.append((i, frame, columns))
+        if not usable:
+            return
+        # one batched softmax for every usable row over the union of their columns (a column's probability does
+        # not depend on which other columns are read)
+        union = sorted({c for _, _, columns in usable for c in columns[1]})
+        if len(usable) < q.shape[0]:
+            index = index_tensor([i for i, _, _ in usable], q.device)
+            q, k = q.index_select(0, index), k.index_select(0, index)
+        probabilities = subject_probabilities(q, k, heads, union)
+        at = {column: j for j, column in enumerate(union)}
+        for u, (_, frame, (_, columns, groups)) in enumerate(usable):
+            in_union = [[at[columns[g]] for g in group] for group in groups]
+            self._accumulator.add([frame], character_maps(probabilities[u:u + 1], in_union),
+                                  (grid.height, grid.width))
 
     def _finalize_masks(self) -> None:
         grid = self._accumulator.grid
         self._resized.clear()  # the masks change
-        for frame, maps in self._accumulator.mean_maps().items():
+        maps = self._accumulator.mean_maps()
+        self._accumulator.clear()
+        if not maps:
+            return
+        # every frame's maps binarised together, then on the CPU: one device sync per UNet call, after which every
+        # layer's sharing and RFH indices are built without one
+        binary = binarize(torch.cat(list(maps.values()))).cpu().split([m.shape[0] for m in maps.values()])
+        for frame, masks in zip(maps, binary):
             names = self._columns[frame][0]
-            # on the CPU: one device sync per UNet call, then every layer's sharing indices are built without one
-            self.masks[frame] = (grid, dict(zip(names, binarize(maps).cpu())))
+            self.masks[frame] = (grid, dict(zip(names, masks)))
             if self.bank_mode is BankMode.WRITE and frame in (self.reference_frames or ()):
                 self.bank_masks[(self.step, frame)] = self.masks[frame]  # small: bool grids, for later batches
-        self._accumulator.clear()
 
     def _masks_at(self, grid, key: str, frames: Sequence[int]) -> dict[int, dict[str, torch.Tensor]]:
         """Each frame's character masks resized to ``grid`` and after mask dropout (frame-seeded)."""
@@ -219,7 +238,7 @@ class StorySyncState:
             covered = {r for g in groups for r in g.rows}
             rest = tuple(r for r in range(num_rows) if r not in covered)
             if rest:
-                groups = [*groups, ContextGroup(rest, own[list(rest)])]
+                groups = [*groups, ContextGroup(rest, own.index_select(0, index_tensor(rest, own.device)))]
         return attend_in_groups(attention, query, groups) if groups else None
 
     def _bli_inputs(self, key: str, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -279,24 +298,18 @@ class StorySyncState:
                 if entry is not None:
                     sources[frame] = entry
         allowed = set(self.reference_frames) if self.reference_frames is not None else set(sources)
-        result = out
+        readers = sorted(allowed & set(sources))  # the frames RFH may read, in tie order
+        targets, readable, generators = [], [], []
         for row in cond:
             frame = layout.frames[row]
-            characters = []
-            for name, mask in masks.get(frame, {}).items():
-                refs = [(sources[f], masks[f][name]) for f in sorted(allowed & set(sources))
-                        if f != frame and name in masks.get(f, {})]
-                if refs:
-                    characters.append((mask, refs))
-            if not characters:
-                continue
-            generator = torch.Generator().manual_seed(stable_seed(self.run_seed, self.step, key, "rfh", frame))
-            features = out[row]
-            harmonized = harmonize_characters(features, characters, s.rfh_strength, s.rfh_dropout, generator)
-            if harmonized is not features:  # returned as is when nothing moved
-                result = result.clone() if result is out else result
-                result[row] = harmonized
-        return result
+            if frame in masks:
+                targets.append((row, masks[frame]))
+                readable.append([i for i, f in enumerate(readers) if f != frame])
+                generators.append(torch.Generator().manual_seed(
+                    stable_seed(self.run_seed, self.step, key, "rfh", frame)) if s.rfh_dropout > 0 else None)
+        # every cond row in one batched call (a few dozen kernels per layer, whatever the number of frames)
+        return harmonize_rows(out, targets, [(sources[f], masks.get(f, {})) for f in readers], readable,
+                              s.rfh_strength, s.rfh_dropout, generators)
 
 
 def _column_groups(characters: Mapping[str, Sequence[int]]):

@@ -13,6 +13,7 @@ from typing import Iterable
 
 import torch
 
+from .async_index import index_tensor
 from .attention_hooks import InstanceForwardHook, install_hooks, remove_hooks
 from .consistent_self_attention import LayerAddress
 from .story_sync import StorySyncState
@@ -34,7 +35,7 @@ class SubjectMapHook(InstanceForwardHook):
                 or _has_tensor_kwargs(kwargs, self.context_kwarg)) \
                 and state.wants_maps(self.layer, hidden.shape[0], hidden.shape[1]):
             rows = state.cond_rows()
-            index = torch.tensor(rows, device=hidden.device)
+            index = index_tensor(rows, hidden.device)
             with torch.no_grad():
                 q = self.module.to_q(hidden.index_select(0, index))
                 k = self.module.to_k(context.index_select(0, index))

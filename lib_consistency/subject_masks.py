@@ -23,29 +23,76 @@ from typing import Sequence
 
 import torch
 
+from .async_index import index_tensor
+
 OTSU_BINS = 256
 
 
-def otsu_threshold(values: torch.Tensor, bins: int = OTSU_BINS) -> float:
-    """Otsu's threshold of ``values`` (any shape, finite): the cut that maximises the between-class variance of a
-    ``bins``-bin histogram over [min, max]. Returns the upper edge of the last bin of the low class, so
-    ``values > threshold`` is the high class; a constant input returns its value (nothing is above it).
-    """
-    flat = values.detach().reshape(-1).to(torch.float64)
-    low, high = float(flat.min()), float(flat.max())
-    if not high > low:
-        return high
-    histogram = torch.histc(flat, bins=bins, min=low, max=high)
-    probability = histogram / histogram.sum()
-    centres = low + (torch.arange(bins, dtype=torch.float64, device=flat.device) + 0.5) * (high - low) / bins
-    weight_low = probability.cumsum(0)
-    mean_low_sum = (probability * centres).cumsum(0)
-    total_mean = mean_low_sum[-1]
+def _otsu_cut(histogram: torch.Tensor, low: torch.Tensor, span: torch.Tensor, bins: int) -> torch.Tensor:
+    """(S, bins) float64 counts, (S, 1) minima and spans -> (S,) upper edge of the low class of each histogram."""
+    probability = histogram / histogram.sum(-1, keepdim=True).clamp_min(1.0)
+    centres = low + (torch.arange(bins, dtype=torch.float64, device=histogram.device) + 0.5) * span / bins
+    weight_low = probability.cumsum(-1)
+    mean_low_sum = (probability * centres).cumsum(-1)
+    total_mean = mean_low_sum[..., -1:]
     weight_high = 1.0 - weight_low
     between = (total_mean * weight_low - mean_low_sum) ** 2 / (weight_low * weight_high)
-    between[(weight_low <= 0) | (weight_high <= 1e-12)] = -1.0
-    cut = int(torch.argmax(between))
-    return low + (cut + 1) * (high - low) / bins
+    between = between.masked_fill((weight_low <= 0) | (weight_high <= 1e-12), -1.0)
+    cut = between.argmax(-1, keepdim=True)  # the first maximum
+    return (low + (cut + 1) * span / bins).squeeze(-1)
+
+
+def otsu_thresholds(values: torch.Tensor, bins: int = OTSU_BINS) -> torch.Tensor:
+    """Otsu's threshold of every row of ``values`` (..., n), n ≥ 1, finite: float64 (...,) on values' device.
+
+    Per row: the cut that maximises the between-class variance of a ``bins``-bin histogram over [min, max] (bin of
+    x: ``floor((x − min)·bins / (max − min))``, the maximum in the last bin); the first such cut on a tie. Returns
+    the upper edge of the last bin of the low class, so ``values > threshold`` is the high class; a constant row
+    returns its value (nothing is above it). No host synchronisation: every step is a tensor op (a histogram by
+    ``scatter_add_``), so a CUDA caller's queue keeps running.
+    """
+    flat = values.detach().to(torch.float64)
+    low, high = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
+    span = torch.where(high > low, high - low, torch.ones_like(high))
+    index = ((flat - low) * bins / span).floor_().clamp_(0, bins - 1).long()
+    histogram = torch.zeros(flat.shape[:-1] + (bins,), dtype=torch.float64, device=flat.device)
+    histogram.scatter_add_(-1, index, torch.ones_like(flat))
+    shape = flat.shape[:-1]
+    cut = _otsu_cut(histogram.reshape(-1, bins), low.reshape(-1, 1), span.reshape(-1, 1), bins).reshape(shape)
+    return torch.where(high.squeeze(-1) > low.squeeze(-1), cut, high.squeeze(-1))
+
+
+def segment_otsu_thresholds(values: torch.Tensor, segments: torch.Tensor, count: int,
+                            bins: int = OTSU_BINS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Otsu per segment of a flat ``values`` (n,): ``segments`` (n,) int64 in [0, count) names each value's segment.
+
+    Returns (thresholds float64 (count,), constant bool (count,)): each segment's ``otsu_thresholds`` of its values
+    (the same bins and cut), and whether the segment has fewer than two distinct values (or none). One pass of
+    tensor ops for every segment, no host synchronisation.
+    """
+    flat = values.detach().to(torch.float64)
+    device = flat.device
+    low = torch.full((count,), float("inf"), dtype=torch.float64, device=device).scatter_reduce(
+        0, segments, flat, "amin")
+    high = torch.full((count,), float("-inf"), dtype=torch.float64, device=device).scatter_reduce(
+        0, segments, flat, "amax")
+    constant = ~(high > low)
+    span = torch.where(constant, torch.ones_like(high), high - low)
+    safe_low = torch.where(constant, torch.zeros_like(low), low)
+    index = ((flat - safe_low[segments]) * bins / span[segments]).floor_().clamp_(0, bins - 1).long()
+    histogram = torch.zeros(count * bins, dtype=torch.float64, device=device)
+    histogram.scatter_add_(0, segments * bins + index, torch.ones_like(flat))
+    cut = _otsu_cut(histogram.view(count, bins), safe_low.unsqueeze(1), span.unsqueeze(1), bins)
+    return torch.where(constant, high, cut), constant
+
+
+def otsu_threshold(values: torch.Tensor, bins: int = OTSU_BINS) -> float:
+    """Otsu's threshold of all of ``values`` (any shape, finite) as a Python float (``otsu_thresholds`` of the
+    flattened values; one host synchronisation)."""
+    return float(otsu_thresholds(values.reshape(-1), bins))
+
+
+LOGIT_CHUNK_ELEMENTS = 1 << 24  # float32 logits per chunk of heads: 64 MB
 
 
 def subject_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int, columns: Sequence[int]) -> torch.Tensor:
@@ -58,20 +105,24 @@ def subject_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int, columns:
         columns: S key positions (subject tokens) whose probabilities are returned.
     Returns:
         [R, Q, S] float32 on q's device.
-    Memory: one head at a time in float32; only the [R, Q, T] logits of that head and the S chosen columns are
-    materialised (the softmax denominator needs every key).
+    Cost: all rows and as many heads at once as keep the [R, h, Q, T] float32 logits within
+    ``LOGIT_CHUNK_ELEMENTS`` (64 MB), so a few batched products per layer rather than one per row and head; only
+    the S chosen columns of the probabilities are kept (the softmax denominator needs every key).
     """
     rows, queries, width = q.shape
     if k.shape[0] != rows or k.shape[2] != width or width % heads:
         raise ValueError(f"subject_probabilities: q {tuple(q.shape)} and k {tuple(k.shape)} with {heads} heads")
-    dim = width // heads
+    dim, tokens = width // heads, k.shape[1]
     scale = 1.0 / math.sqrt(dim)
-    index = torch.as_tensor(list(columns), dtype=torch.long, device=q.device)
+    index = index_tensor(columns, q.device)
+    q_heads = q.reshape(rows, queries, heads, dim).transpose(1, 2)  # [R, H, Q, d]
+    k_heads = k.reshape(rows, tokens, heads, dim).permute(0, 2, 3, 1)  # [R, H, d, T]
+    step = max(1, min(heads, LOGIT_CHUNK_ELEMENTS // max(1, rows * queries * tokens)))
     total = torch.zeros(rows, queries, len(index), dtype=torch.float32, device=q.device)
-    for head in range(heads):
-        part = slice(head * dim, (head + 1) * dim)
-        logits = torch.bmm(q[..., part].float(), k[..., part].float().transpose(1, 2)) * scale  # [R, Q, T]
-        total += (logits.index_select(2, index) - logits.logsumexp(2, keepdim=True)).exp_()
+    for start in range(0, heads, step):
+        part = slice(start, start + step)
+        logits = torch.matmul(q_heads[:, part].float(), k_heads[:, part].float()).mul_(scale)  # [R, h, Q, T]
+        total += (logits.index_select(3, index) - logits.logsumexp(3, keepdim=True)).exp_().sum(1)
     return total / heads
 
 
@@ -84,8 +135,11 @@ def character_maps(probabilities: torch.Tensor, groups: Sequence[Sequence[int]])
     for group in groups:
         if len(group) == 0:
             raise ValueError("character_maps: a character has no subject tokens")
-        index = torch.as_tensor(list(group), dtype=torch.long, device=probabilities.device)
-        maps.append(probabilities.index_select(2, index).sum(2))
+        group = list(group)
+        if group == list(range(group[0], group[0] + len(group))):  # a run of columns: a view, no index copy
+            maps.append(probabilities[:, :, group[0]:group[0] + len(group)].sum(2))
+        else:
+            maps.append(probabilities.index_select(2, index_tensor(group, probabilities.device)).sum(2))
     return torch.stack(maps, 1)
 
 
@@ -112,7 +166,8 @@ class MaskAccumulator:
         self.grid = grid
         for frame in dict.fromkeys(int(f) for f in frames):
             rows = [r for r, f in enumerate(frames) if int(f) == frame]
-            layer_map = maps[rows].float().mean(0)
+            layer_map = maps[rows[0]].float() if len(rows) == 1 else \
+                maps.index_select(0, index_tensor(rows, maps.device)).float().mean(0)
             if frame in self._sums:
                 self._sums[frame] = self._sums[frame] + layer_map
                 self._counts[frame] += 1
@@ -132,11 +187,13 @@ class MaskAccumulator:
 def binarize(maps: torch.Tensor) -> torch.Tensor:
     """Otsu per character map: [C, Q] -> bool [C, Q], True where the value is above the map's threshold.
 
-    A map with no contrast (constant) gives all False. Compared in float64, as the threshold is computed.
+    A map with no contrast (constant) gives all False. Compared in float64, as the threshold is computed; no host
+    synchronisation (``otsu_thresholds``).
     """
     values = maps.detach().to(torch.float64)
-    masks = [row > otsu_threshold(row) for row in values]
-    return torch.stack(masks) if masks else torch.zeros(maps.shape, dtype=torch.bool, device=maps.device)
+    if values.shape[0] == 0:
+        return torch.zeros(maps.shape, dtype=torch.bool, device=maps.device)
+    return values > otsu_thresholds(values).unsqueeze(-1)
 
 
 def _nearest_index(source: int, target: int, device: torch.device) -> torch.Tensor:

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from lib_consistency import bench, bench_storysync as bs
+from lib_consistency.attention_hooks import remove_hooks
 from lib_consistency.row_layout import Role, RowLayout
 from lib_consistency.story_sync import Phase, PrePassDone, StorySyncSettings, StorySyncState
+from lib_consistency.storysync_hooks import install_storysync_hooks
 
 
 @pytest.mark.parametrize("steps, window, inside, prepass", [
@@ -87,8 +89,16 @@ def test_timed_calls_do_the_work_they_claim():
     hidden = torch.randn(frames, side * side, channels)
     mask = bs.subject_mask(side)
     plain = module(hidden)
-    shared = bs.hooked_call(module, hidden, bs.storysync_state(frames, side, 1, mask, 0.0), ("output", 3, 0))()
-    rfh = bs.hooked_call(module, hidden, bs.storysync_state(frames, side, 1, mask, 0.3), ("output", 3, 0))()
+
+    def hooked(rfh_strength: float) -> torch.Tensor:
+        hooks = install_storysync_hooks([(("output", 3, 0), module)], [],
+                                        bs.storysync_state(frames, side, 1, mask, rfh_strength))
+        try:
+            return module(hidden)
+        finally:
+            remove_hooks(hooks)
+
+    shared, rfh = hooked(0.0), hooked(0.3)
     assert not torch.allclose(shared, plain) and not torch.allclose(rfh, shared)
     assert torch.equal(module(hidden), plain)
 
@@ -105,3 +115,26 @@ def test_tiny_run_prints_both_parts(capsys, monkeypatch):
     assert sum(" sharing+RFH " in line for line in lines) == 2 * len(bs.FRAME_COUNTS)  # the two level-1 cases
     bench.main(["--device", "cpu", "--side-divisor", "16", "--repeats", "1", "--only", "csa"])
     assert "storysync" not in capsys.readouterr().out
+
+
+def test_whole_unet_bench_runs_every_storysync_step_on_a_tiny_real_unet():
+    pytest.importorskip("diffusers")
+    from lib_consistency import bench_storysync_unet as bu
+    tiny = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+                cross_attention_dim=24, norm_num_groups=8, attention_head_dim=8)
+    lines = []
+    figures = bu.run("sd15", "cpu", torch.float32, frames=3, repeats=1, latent_side=16, unet_config=tiny,
+                     print_fn=lines.append)
+    assert 0 < figures["subject"] < 1  # masks came from the UNet's own cross-attention
+    assert figures["flops_ratio"] > 1.01 and figures["time_ratio"] > 0  # the shared keys and values cost FLOPs
+    assert len(lines) == 2 and lines[1].startswith("storysync-unet time ratio ")
+
+
+def test_diffusers_names_map_to_ldm_addresses():
+    from lib_consistency.bench_storysync_unet import ldm_address
+    assert ldm_address("down_blocks.1.attentions.1.transformer_blocks.3.attn1", 2) == (("input", 5, 3), "attn1")
+    assert ldm_address("up_blocks.0.attentions.2.transformer_blocks.9.attn2", 2) == (("output", 2, 9), "attn2")
+    assert ldm_address("up_blocks.2.attentions.0.transformer_blocks.0.attn1", 2) == (("output", 6, 0), "attn1")
+    assert ldm_address("mid_block.attentions.0.transformer_blocks.4.attn1", 2) == (("middle", 0, 4), "attn1")
+    assert ldm_address("down_blocks.1.resnets.0", 2) == (None, None)

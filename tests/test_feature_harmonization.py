@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lib_consistency import feature_harmonization
-from lib_consistency.feature_harmonization import (correspondence_gate, harmonize, harmonize_characters,
+from lib_consistency.feature_harmonization import (correspondence_gate, harmonize, harmonize_characters, harmonize_rows,
                                                    match_references)
 
 TOKENS, CHANNELS = 40, 6
@@ -154,3 +154,29 @@ def test_half_precision_features_stay_half_and_bad_shapes_are_refused():
         harmonize(features, mask.float(), references)
     with pytest.raises(ValueError, match="channels"):
         harmonize(features, mask, [(randn(TOKENS, CHANNELS + 1, seed=1), mask)])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_batched_rows_equal_each_row_harmonised_alone(dropout):
+    """``harmonize_rows`` (one call per layer, as StorySync runs it) gives every row exactly what
+    ``harmonize_characters`` gives it alone with the other frames as references; an [NC] row and rows of frames
+    missing from the sources are left bit for bit."""
+    frames = 4
+    features = randn(frames, TOKENS, CHANNELS, seed=30)
+    names = {0: ("anna",), 1: ("anna", "ben"), 2: ("ben",), 3: ()}
+    masks = {f: {n: random_mask(TOKENS, 40 + 7 * f + i) for i, n in enumerate(names[f])} for f in range(frames)}
+    readers = [0, 1, 2]  # frame 3 ([NC]) is no source
+    sources = [(features[f], masks[f]) for f in readers]
+    targets = [(f, masks[f]) for f in range(frames)]
+    readable = [[i for i, r in enumerate(readers) if r != f] for f in range(frames)]
+    seeds = [100 + f for f in range(frames)]
+    generators = [torch.Generator().manual_seed(s) for s in seeds] if dropout else None
+    batched = harmonize_rows(features, targets, sources, readable, 0.5, dropout, generators)
+    assert not torch.equal(batched, features)
+    for f in range(frames):
+        characters = [(masks[f][n], [(features[r], masks[r][n]) for r in readers if r != f and n in masks[r]])
+                      for n in names[f]]
+        alone = harmonize_characters(features[f], characters, 0.5, dropout,
+                                     torch.Generator().manual_seed(seeds[f]) if dropout else None)
+        assert torch.equal(batched[f], alone), f
+    assert torch.equal(batched[3], features[3])

@@ -244,3 +244,61 @@ def test_storysync_on_cuda_in_half_precision(unet, inputs):
     assert state.masks and state.masks[0][1]["a"].device.type == "cpu" and len(state.bli_cache) > 0  # masks: CPU
     assert torch.isfinite(out).all() and not torch.allclose(out, plain, atol=1e-3)
     assert torch.equal(forward(), plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run where one is lent)")
+@pytest.mark.parametrize("forge", [False, True])
+def test_self_attention_path_never_waits_for_the_gpu(forge):
+    """Masked sharing (two characters, [NC], dropouts), BLI and RFH on one layer issue no host synchronisation:
+    CUDA's sync debug mode turns any into an error. (Masks are finalised once per UNet call, outside this.)"""
+    from lib_consistency.bench import MultiHeadSelfAttention
+    from lib_consistency.hosts.forge import TRANSFORMER_OPTION, ForgeRunState, storysync_output_patch, \
+        storysync_replace
+    side, channels, frames = 8, 64, 4
+    groups = {0: frozenset({"a"}), 1: frozenset({"a", "b"}), 2: frozenset({"b"}), 3: frozenset()}
+    settings = StorySyncSettings(mask_dropout=0.5, share_dropout=0.2, rfh_strength=0.3, rfh_dropout=0.1,
+                                 rfh_window=(0.0, 1.0), bli_strength=0.7, bli_window=0.5,
+                                 layer_policy=LayerPolicy.ALL, schedule=Schedule.ALWAYS)
+    state = StorySyncState(settings, 7, groups, {f: {c: (1,) for c in groups[f]} for f in range(frames)})
+    layout = RowLayout(tuple(range(frames)) * 2, (Role.COND,) * frames + (Role.UNCOND,) * frames)
+    generator = torch.Generator().manual_seed(0)
+    state.masks = {f: ((side, side), {c: torch.rand(side * side, generator=generator) < 0.4 for c in groups[f]})
+                   for f in range(frames) if groups[f]}  # an [NC] frame has no subject tokens, so no mask
+    module = MultiHeadSelfAttention(channels, 2).to("cuda", torch.float16)
+    hidden = torch.randn(2 * frames, side * side, channels, device="cuda", dtype=torch.float16)
+    layer = ("output", 3, 0)
+
+    def call():
+        state.begin_unet_call(layout, (2 * side, 2 * side))  # token grid at level 1: RFH's level
+        state.begin_step(0, 1, 10, 3.0)
+        if not forge:
+            hooks = install_storysync_hooks([(layer, module)], [], state)
+            try:
+                return module(hidden)
+            finally:
+                remove_hooks(hooks)
+        run_state = ForgeRunState(None, None, 0, state)
+        options = {TRANSFORMER_OPTION: run_state, "n_heads": 2, "block": ("output", 3), "block_index": 0,
+                   "cond_or_uncond": [0, 1], "sigmas": torch.ones(frames),
+                   "original_shape": (2 * frames, 4, 2 * side, 2 * side)}
+        qkv = [projection(hidden) for projection in (module.to_q, module.to_k, module.to_v)]
+
+        def attention(q, k, v, heads, mask=None):
+            split = [t.view(t.shape[0], -1, heads, channels // heads).transpose(1, 2) for t in (q, k, v)]
+            out = torch.nn.functional.scaled_dot_product_attention(*split)
+            return out.transpose(1, 2).reshape(q.shape[0], -1, channels)
+
+        return storysync_output_patch(module.to_out(storysync_replace(attention)(*qkv, options)), options)
+
+    with torch.inference_mode():
+        plain = module(hidden)
+        state.phase = Phase.VANILLA
+        call()  # records the BLI inputs of step 1
+        state.phase = Phase.CONSISTENT
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all() and not torch.allclose(out, plain, atol=1e-3)

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from lib_consistency.consistent_self_attention import stable_seed
+from lib_consistency import subject_masks
 from lib_consistency.subject_masks import (MaskAccumulator, binarize, character_maps, drop_mask, otsu_threshold,
-                                           resize_mask, subject_probabilities)
+                                           otsu_thresholds, resize_mask, segment_otsu_thresholds,
+                                           subject_probabilities)
 
 
 # --- Otsu -------------------------------------------------------------------------------------------------------
@@ -53,6 +55,27 @@ def test_otsu_matches_brute_force_on_uniform_data(seed):
     assert otsu_threshold(values) == pytest.approx(brute_force_otsu(values), rel=1e-12, abs=1e-12)
 
 
+def test_row_and_segment_otsu_equal_otsu_of_each_part():
+    g = torch.Generator().manual_seed(9)
+    rows = torch.cat([torch.rand(3, 50, generator=g) ** (1 + i) for i in range(2)])  # 6 rows of 50
+    rows[4] = 0.5  # a constant row
+    expected = torch.tensor([otsu_threshold(row) for row in rows], dtype=torch.float64)
+    assert torch.equal(otsu_thresholds(rows), expected)
+    lengths = [7, 1, 0, 19, 2, 30]  # segments of other sizes, an empty one, a single value
+    values = torch.rand(sum(lengths), generator=g)
+    values[26:28] = 0.25  # segment 4: two equal values
+    segments = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    order = torch.randperm(len(values), generator=g)  # segments need not be contiguous
+    thresholds, constant = segment_otsu_thresholds(values[order], segments[order], len(lengths))
+    start = 0
+    for i, n in enumerate(lengths):
+        part = values[start:start + n]
+        start += n
+        assert bool(constant[i]) == (n == 0 or bool(part.max() == part.min()))
+        if n:
+            assert float(thresholds[i]) == otsu_threshold(part)
+
+
 def test_otsu_of_a_constant_is_its_value_and_binarizes_to_nothing():
     values = torch.full((2, 16), 0.25)
     assert otsu_threshold(values) == 0.25
@@ -78,7 +101,9 @@ def naive_probabilities(q, k, heads, columns):
 
 
 @pytest.mark.parametrize("tokens", [77, 154])
-def test_subject_probabilities_match_naive_float64(tokens):
+@pytest.mark.parametrize("chunk", [1 << 24, 1])  # every head at once; one head per product
+def test_subject_probabilities_match_naive_float64(monkeypatch, tokens, chunk):
+    monkeypatch.setattr(subject_masks, "LOGIT_CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(tokens)
     heads, dim = 3, 8
     q = torch.randn(2, 40, heads * dim, generator=g) * 2

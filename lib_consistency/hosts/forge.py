@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..async_index import index_tensor
 from ..identity_attention_hook import dropout_bias
 from ..identity_cross_attention import append_identity_tokens
 from ..row_layout import Role, RowLayout, forge_row_layout
@@ -63,13 +64,14 @@ def _in_groups(attention: Attention, heads: int, q, k, v, groups: list) -> torch
     covered = {r for rows, *_ in groups for r in rows}
     rest = [r for r in range(q.shape[0]) if r not in covered]
     if rest:
-        groups = groups + [(rest, k[rest], v[rest], None)]
+        index = index_tensor(rest, q.device)
+        groups = groups + [(rest, k.index_select(0, index), v.index_select(0, index), None)]
     if len(groups) == 1 and list(groups[0][0]) == list(range(q.shape[0])):
         rows, k_rows, v_rows, mask = groups[0]
         return attention(q, k_rows, v_rows, heads, mask=mask)
     out = None
     for rows, k_rows, v_rows, mask in groups:
-        index = torch.tensor(list(rows), device=q.device)
+        index = index_tensor(rows, q.device)
         result = attention(q.index_select(0, index), k_rows, v_rows, heads, mask=mask)
         if out is None:
             out = result.new_empty((q.shape[0],) + tuple(result.shape[1:]))
@@ -106,15 +108,16 @@ def _ipca_groups(state, q, k, v, extra_options, layout, layer):
     cond = [r for r, role in enumerate(layout.roles) if role is Role.COND]
     if not cond:
         return None
-    k_cond = k[cond]
+    index = index_tensor(cond, q.device)
+    k_cond, v_cond = k.index_select(0, index), v.index_select(0, index)
     columns = state.columns(k_cond)  # Forge repeats a 77-token cond batched with a longer uncond: every copy
     if columns is None:
         return None
     if state.dropout == 0:
-        return [(cond, append_identity_tokens(k_cond, columns), append_identity_tokens(v[cond], columns), None)]
+        return [(cond, append_identity_tokens(k_cond, columns), append_identity_tokens(v_cond, columns), None)]
     frames = [layout.frames[r] for r in cond]
     bias = dropout_bias(state, layer or ("?", 0, 0), frames, q.shape[1], k.shape[1], columns, q).unsqueeze(1)
-    return [(cond, k_cond, v[cond], bias)]
+    return [(cond, k_cond, v_cond, bias)]
 
 
 def _storysync_rows(run, extra_options: dict, rows: int):
@@ -160,7 +163,8 @@ def with_subject_maps(patch):
         state, layer = _storysync_rows(extra_options.get(TRANSFORMER_OPTION), extra_options, q.shape[0])
         if state is not None and state.wants_maps(layer, q.shape[0], q.shape[1]):
             rows = state.cond_rows()
-            state.add_maps(q[rows], k[rows], extra_options["n_heads"], rows)
+            index = index_tensor(rows, q.device)
+            state.add_maps(q.index_select(0, index), k.index_select(0, index), extra_options["n_heads"], rows)
         return patch(q, k, v, extra_options)
     return wrapped
 
