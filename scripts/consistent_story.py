@@ -17,3 +17,4 @@ script_callbacks.on_app_started(callbacks.on_app_started)
 script_callbacks.on_before_ui(callbacks.on_before_ui)
 script_callbacks.on_infotext_pasted(callbacks.on_infotext_pasted)
 script_callbacks.on_script_unloaded(callbacks.on_script_unloaded)
+callbacks.on_import()  # the X/Y/Z axes now: an API-only server reads them before any callback runs

@@ -305,3 +305,26 @@ def test_storyboard_resizes_frames_to_the_first_size():
         storyboard.compose_storyboard(frames, ["a"])
     with pytest.raises(ValueError):
         storyboard.compose_storyboard([], [])
+
+
+def test_importing_the_entry_file_registers_the_axes_without_any_ui_callback(monkeypatch):
+    """With --nowebui the API reads the xyz axes before ``on_before_ui`` runs: importing our entry file (which the
+    host does right after loading the xyz script) must already have added them."""
+    import pathlib
+    import runpy
+
+    from tests.fake_webui import install_stub_modules
+    mods = install_stub_modules(monkeypatch)
+    registered = []
+    for name in ("on_cfg_denoiser", "on_cfg_denoised", "on_cfg_after_cfg", "on_ui_settings", "on_ui_tabs",
+                 "on_app_started", "on_before_ui", "on_infotext_pasted", "on_script_unloaded"):
+        setattr(mods["modules.script_callbacks"], name, lambda callback, name=name: registered.append(name))
+    module = fake_xyz()
+    xyz_class = type("Script", (), {"__module__": "xyz_grid.py"})
+    mods["modules.scripts"].scripts_data = [types.SimpleNamespace(script_class=xyz_class, module=module)]
+    entry = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "consistent_story.py"
+    runpy.run_path(str(entry))
+    assert [opt.label for opt in module.axis_options[1:]] == [axis_label(k) for k in axis_keys()]
+    assert "on_before_ui" in registered  # still registered, and a second registration adds nothing
+    from lib_consistency.hosts import xyz as host_xyz
+    assert host_xyz.register_xyz_axes(module) == 0

@@ -21,7 +21,19 @@ def on_cfg_after_cfg(params) -> None:
     oneactor.on_cfg_after_cfg(params)
 
 
+def on_import() -> None:
+    """Runs when the host imports the entry file, while it loads scripts. The xyz script (the WebUI's own
+    ``scripts/``) is loaded before any extension's, so its axis list gets ours before anything reads it. This is the
+    registration that counts with ``--nowebui``: there the API builds every script's UI (``Api.__init__`` calls
+    ``ui.create_ui``) before ``on_before_ui`` runs (``webui.api_only``), and the xyz script reads its axes in
+    ``ui()``."""
+    from .xyz import register_xyz_axes
+    register_xyz_axes()
+
+
 def on_before_ui() -> None:
+    """Before the UI is built (and, with ``--nowebui``, after the API built the scripts' UI): the axes again, for a
+    host that loads the xyz script after ours (labels already there are skipped), and the OneActor network."""
     from .oneactor.network import register_network
     from .xyz import register_xyz_axes
     register_xyz_axes()

@@ -1,6 +1,8 @@
 """X/Y/Z plot axes ``[Story] <name>``, one per ``axis_keys()`` entry (hosts.md §7).
 
-``register_xyz_axes`` runs from ``script_callbacks.on_before_ui``: before the xyz script builds its axis list, so the
+``register_xyz_axes`` runs when the entry file is imported (``callbacks.on_import``, while the host loads scripts,
+after the xyz script) and again from ``script_callbacks.on_before_ui``: either way before the xyz script builds its
+axis list in ``ui()``, also with ``--nowebui``, where the API builds the scripts' UI before ``on_before_ui``. The
 API's axis indices stay stable. An axis stores its value on the (shallow-copied) processing object of its cell, as
 ``p.consistent_story_overrides``, always as a new dict so cells never share one; the pipeline applies the overrides
 with ``Settings.with_value`` (preset first), which also converts the "True"/"False" strings of on/off axes.

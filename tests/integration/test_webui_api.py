@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from lib_consistency.settings import Settings, axis_label, option_keys
+from lib_consistency.settings import Settings, axis_keys, axis_label, option_keys
 
 URL = os.environ.get("CONSISTENT_STORY_WEBUI_URL", "").rstrip("/")
 pytestmark = pytest.mark.skipif(not URL, reason="set CONSISTENT_STORY_WEBUI_URL to a running WebUI to run these")
@@ -133,6 +133,7 @@ def test_xyz_plot_over_a_story_axis():
     status, scripts = call("/sdapi/v1/script-info")
     xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
     x_types = next(a for a in xyz["args"] if a["label"] == "X type")["choices"]
+    assert [label for label in x_types if label.startswith("[Story] ")] == [axis_label(k) for k in axis_keys()]
     axis = x_types.index(axis_label("csa_rate"))
     none = x_types.index("Nothing")
     script_args = [axis, "0.25, 1.0", [], none, "", [], none, "", [], True, True, False, False, False, False, False,
