@@ -45,12 +45,20 @@ class FakeUnetPatcher:
     def memory_required(self, shape):
         return 1000
 
+    def set_model_patch_replace(self, patch, name, block_name, number, transformer_index=None):
+        """Forge's ``set_model_options_patch_replace``: copies on write, a 2-tuple key without an index."""
+        options = dict(self.model_options["transformer_options"])
+        options["patches_replace"] = dict(options.get("patches_replace", {}))
+        options["patches_replace"][name] = dict(options["patches_replace"].get(name, {}))
+        key = (block_name, number) if transformer_index is None else (block_name, number, transformer_index)
+        options["patches_replace"][name][key] = patch
+        self.model_options["transformer_options"] = options
+
     def set_model_replace_all(self, patch, target="attn1"):
-        replace = self.model_options["transformer_options"].setdefault("patches_replace", {}).setdefault(target, {})
         for block in ("input", "middle", "output"):
             for number in range(16):
                 for index in range(16):
-                    replace[(block, number, index)] = patch
+                    self.set_model_patch_replace(patch, target, block, number, index)
 
     def set_transformer_option(self, key, value):
         self.model_options["transformer_options"][key] = value
@@ -239,3 +247,75 @@ def test_storysync_patches_are_registered_and_subject_maps_equal_the_module_hook
     for frame in (0, 1):
         torch.testing.assert_close(forge_maps[frame], hook_maps[frame], rtol=1e-5, atol=1e-6)
     assert forge_out.shape == hooked.shape
+
+
+def foreign_patch(calls):
+    """Another extension's replace patch (as SAG registers one): records its calls, scales the attention."""
+    def other_extension_patch(q, k, v, extra_options):
+        calls.append(q.shape[0])
+        return 0.5 * attention_function(q, k, v, extra_options["n_heads"])
+    return other_extension_patch
+
+
+def test_another_extensions_replace_patch_is_wrapped_not_discarded():
+    """A patch registered before ours (one transformer block; a whole block by its 2-tuple key) is still called,
+    exactly as Forge would call it, wherever our method leaves the call alone; where ours must change the call it
+    is refused with the other patch's name. Blocks without one get our plain patch."""
+    calls = []
+    other = foreign_patch(calls)
+    original = FakeUnetPatcher()
+    original.set_model_patch_replace(other, "attn1", "middle", 0, 0)
+    original.set_model_patch_replace(other, "attn1", "output", 3)  # every transformer of output block 3
+    original.set_model_patch_replace(other, "attn2", "input", 4, 0)
+    p = forge_p(original)
+    gen = generation(csa=True, ipca=False)
+    patch_unet(p, gen, attention_function)
+    replace = p.sd_model.forge_objects.unet.model_options["transformer_options"]["patches_replace"]
+    assert replace["attn1"][("middle", 0, 0)] is not other and replace["attn1"][("output", 3, 1)] is not other
+    assert replace["attn1"][("output", 2, 0)] is replace["attn1"][("input", 1, 0)]  # one shared plain patch
+    assert replace["attn2"] == {("input", 4, 0): other}  # no attn2 method: untouched
+
+    torch.manual_seed(4)
+    module = ToyAttention(8, 8)
+    x = torch.randn(6, 16, 8)
+    q, k, v = module.to_q(x), module.to_k(x), module.to_v(x)
+    off = {**extra_options([1, 0], 3, csa=None), "block": ("output", 3), "block_index": 1}
+    wrapped = replace["attn1"][("output", 3, 1)]
+    assert torch.equal(wrapped(q, k, v, off), other(q, k, v, off)) and calls == [6, 6]
+    state = ConsistencyState(CsaSettings(0.5, "always", "all"), 1, {0: {"a"}, 1: {"a"}, 2: set()})
+    state.begin_step(0, 1, 10, 3.0)
+    on = {**extra_options([1, 0], 3, csa=state), "block": ("output", 3), "block_index": 1}
+    with pytest.raises(RuntimeError, match=r"CSA cannot share .*\('output', 3, 1\).*other_extension_patch"):
+        wrapped(q, k, v, on)
+    plain_block = {**on, "block": ("output", 2), "block_index": 0}  # our patch alone: shares as usual
+    assert not torch.allclose(replace["attn1"][("output", 2, 0)](q, k, v, plain_block), attention_function(q, k, v, 2))
+
+
+def test_subject_maps_compose_with_another_attn2_patch_and_ipca_is_refused_there():
+    """StorySync only reads q and k on attn2, so another extension's attn2 patch (IP-Adapter registers one) still
+    makes the output; IPCA would change its keys, which that patch cannot take: refused, naming it."""
+    from lib_consistency.story_sync import StorySyncSettings, StorySyncState
+    calls = []
+    other = foreign_patch(calls)
+    original = FakeUnetPatcher()
+    original.set_model_replace_all(other, "attn2")
+    gen = generation(csa=False, ipca=False, batch_size=2)
+    gen.storysync = StorySyncState(StorySyncSettings(), 3, {0: frozenset({"a"}), 1: frozenset({"a"})},
+                                   {0: {"a": (1, 2)}, 1: {"a": (2, 3)}})
+    gen.storysync.begin_step(0, 1, 10, 3.0)
+    p = forge_p(original)
+    patch_unet(p, gen, attention_function)
+    patch = p.sd_model.forge_objects.unet.model_options["transformer_options"]["patches_replace"]["attn2"][
+        ("middle", 0, 0)]
+    torch.manual_seed(8)
+    module = ToyAttention(8, 12)
+    x, context = torch.randn(4, 16, 8), torch.randn(4, 77, 12)
+    q, k, v = module.to_q(x), module.to_k(context), module.to_v(context)
+    options = {**extra_options([0, 1], 2), TRANSFORMER_OPTION: ForgeRunState(None, None, 0, gen.storysync),
+               "block": ("middle", 0), "block_index": 0, "original_shape": [4, 4, 16, 16]}
+    assert torch.equal(patch(q, k, v, options), other(q, k, v, options))
+    assert set(gen.storysync._accumulator.mean_maps()) == {0, 1}  # the maps were read on the way
+    ipca = IdentityAttentionState((0, 1, 2), 0.0, 1, step=StepKey(0, 1, 3.0))
+    with pytest.raises(RuntimeError, match="IPCA cannot share .*other_extension_patch"):
+        ipca_replace(attention_function, other)(q, k, v, {**options, TRANSFORMER_OPTION: ForgeRunState(None, ipca,
+                                                                                                        0)})

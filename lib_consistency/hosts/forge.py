@@ -14,9 +14,16 @@ Both methods use replace patches, which receive the projected q/k/v of the call'
 Attention itself is Forge's ``backend.attention.attention_function`` (the kernel chosen at start-up). The run state
 travels in ``transformer_options[TRANSFORMER_OPTION]`` (``ForgeRunState``), which the patches read from
 ``extra_options``; without it (another patcher's clone, a stale patch) they attend plainly.
+
+Another extension's replace patch on the same block (SAG, StyleAlign, IP-Adapter, reference-only register them) is
+wrapped, not overwritten (``set_replace_all``): on every call our method leaves alone it is called exactly as Forge
+would call it; a call our method must change (shared keys, blended queries, identity tokens, a dropout mask) cannot
+be handed to a patch that expects the whole batch with its own keys, so it is refused with a message naming that
+patch, at the first such call (before any image).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,6 +36,7 @@ from ..row_layout import Role, RowLayout, forge_row_layout
 
 Attention = Callable[..., torch.Tensor]  # attention_function(q, k, v, heads, mask=None) on [R, T, heads·d]
 TRANSFORMER_OPTION = "consistent_story"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,45 @@ def _layer(extra_options: dict) -> tuple[str, int, int] | None:
     return None if block is None else (block[0], int(block[1]), int(extra_options.get("block_index", 0)))
 
 
+Patch = Callable[..., torch.Tensor]  # a replace patch: (q, k, v, extra_options) -> attention output
+
+
+def _patch_name(patch: Patch) -> str:
+    return f"{getattr(patch, '__module__', '?')}.{getattr(patch, '__qualname__', type(patch).__name__)}"
+
+
+def _plain(attention: Attention, foreign: Patch | None) -> Patch:
+    """The call as Forge would make it without us: the other extension's patch, or the attention function."""
+    return foreign if foreign is not None else lambda q, k, v, extra_options: attention(q, k, v,
+                                                                                          extra_options["n_heads"])
+
+
+def _altered(attention: Attention, foreign: Patch | None, what: str, extra_options: dict) -> Attention:
+    """The attention for a call our method changes; refused where another extension's patch owns the block."""
+    if foreign is not None:
+        raise RuntimeError(f"Consistent Story: {what} cannot share the attention of block {_layer(extra_options)} "
+                           f"with another extension's attention patch there ({_patch_name(foreign)}); turn one of "
+                           "them off, or choose layers that leave that block")
+    return attention
+
+
+def set_replace_all(unet, target: str, make: Callable[[Patch | None], Patch]) -> list[str]:
+    """Our replace patch for ``target`` on every transformer block, as ``set_model_replace_all`` does, but where
+    another patch is registered (its 3-tuple key or its block's 2-tuple key, which Forge falls back to) ours is built
+    around it: ``make(foreign)``. Returns the wrapped patches' names."""
+    existing = unet.model_options.get("transformer_options", {}).get("patches_replace", {}).get(target, {})
+    ours, wrapped = make(None), []
+    for block_name in ("input", "middle", "output"):
+        for number in range(16):
+            for index in range(16):
+                foreign = existing.get((block_name, number, index), existing.get((block_name, number)))
+                if foreign is not None:
+                    wrapped.append(_patch_name(foreign))
+                unet.set_model_patch_replace(ours if foreign is None else make(foreign), target, block_name,
+                                             number, index)
+    return sorted(set(wrapped))
+
+
 def _in_groups(attention: Attention, heads: int, q, k, v, groups: list) -> torch.Tensor:
     """Attention per row group: ``groups`` holds (rows, k_rows, v_rows, mask); rows in no group attend plainly."""
     covered = {r for rows, *_ in groups for r in rows}
@@ -79,18 +126,23 @@ def _in_groups(attention: Attention, heads: int, q, k, v, groups: list) -> torch
     return out
 
 
-def _replace_patch(method: str, groups_for: Callable, attention: Attention):
+def _replace_patch(method: str, groups_for: Callable, attention: Attention, foreign: Patch | None = None):
     """A replace patch ``(q, k, v, extra_options) -> out``: reads the run state and the rows of this call, asks
-    ``groups_for(state, q, k, v, extra_options, layout, layer)`` for row groups; None means plain attention."""
+    ``groups_for(state, q, k, v, extra_options, layout, layer)`` for row groups; None means the plain call
+    (``foreign``, another extension's patch on this block, if any)."""
+    plain = _plain(attention, foreign)
+
     def patch(q, k, v, extra_options):
         run = extra_options.get(TRANSFORMER_OPTION)
-        heads = extra_options["n_heads"]
         state = None if run is None else getattr(run, method)
         if state is None:
-            return attention(q, k, v, heads)
+            return plain(q, k, v, extra_options)
         layout = _layout(extra_options, q.shape[0], run.frame_offset)
         groups = groups_for(state, q, k, v, extra_options, layout, _layer(extra_options))
-        return attention(q, k, v, heads) if not groups else _in_groups(attention, heads, q, k, v, groups)
+        if not groups:
+            return plain(q, k, v, extra_options)
+        attend = _altered(attention, foreign, method.upper(), extra_options)
+        return _in_groups(attend, extra_options["n_heads"], q, k, v, groups)
     return patch
 
 
@@ -131,23 +183,26 @@ def _storysync_rows(run, extra_options: dict, rows: int):
     return state, layer
 
 
-def storysync_replace(attention: Attention):
+def storysync_replace(attention: Attention, foreign: Patch | None = None):
     """attn1 replace patch: StorySync's input side (masked sharing, BLI) on the projected q | k | v. Projections
     are per token and linear (no bias in SD attention), so gathering or blending them equals doing it on the
-    inputs; the BLI cache holds q | k | v here."""
+    inputs; the BLI cache holds q | k | v here. ``foreign``: another extension's patch on this block."""
+    plain = _plain(attention, foreign)
+
     def patch(q, k, v, extra_options):
         heads = extra_options["n_heads"]
         state, layer = _storysync_rows(extra_options.get(TRANSFORMER_OPTION), extra_options, q.shape[0])
         if state is None:
-            return attention(q, k, v, heads)
+            return plain(q, k, v, extra_options)
         width = q.shape[-1]
 
         def attend(query_qkv, context_qkv):
+            inner = _altered(attention, foreign, "StorySync", extra_options)
             source = query_qkv if context_qkv is None else context_qkv
-            return attention(query_qkv[..., :width], source[..., width:2 * width], source[..., 2 * width:], heads)
+            return inner(query_qkv[..., :width], source[..., width:2 * width], source[..., 2 * width:], heads)
 
         out = state.self_attention(layer, torch.cat([q, k, v], dim=-1), attend)
-        return attention(q, k, v, heads) if out is None else out
+        return plain(q, k, v, extra_options) if out is None else out
     return patch
 
 
@@ -169,14 +224,14 @@ def with_subject_maps(patch):
     return wrapped
 
 
-def csa_replace(attention: Attention):
+def csa_replace(attention: Attention, foreign: Patch | None = None):
     """attn1 replace patch applying consistent self-attention (the run's ``ConsistencyState``)."""
-    return _replace_patch("csa", _csa_groups, attention)
+    return _replace_patch("csa", _csa_groups, attention, foreign)
 
 
-def ipca_replace(attention: Attention):
+def ipca_replace(attention: Attention, foreign: Patch | None = None):
     """attn2 replace patch applying IPCA to the cond rows of the call (the run's ``IdentityAttentionState``)."""
-    return _replace_patch("ipca", _ipca_groups, attention)
+    return _replace_patch("ipca", _ipca_groups, attention, foreign)
 
 
 def patch_unet(p, generation, attention: Attention) -> None:
@@ -187,8 +242,9 @@ def patch_unet(p, generation, attention: Attention) -> None:
                                                                   p.iteration * generation.plan.batch_size,
                                                                   storysync))
     if generation.csa is not None or storysync is not None:
-        unet.set_model_replace_all(storysync_replace(attention) if storysync is not None else
-                                   csa_replace(attention), "attn1")
+        attn1 = storysync_replace if storysync is not None else csa_replace
+        for name in set_replace_all(unet, "attn1", lambda foreign: attn1(attention, foreign)):
+            log.info("self-attention patch %s kept under ours", name)
         rate = 1.0 if storysync is not None else generation.settings.csa_rate
         frames = generation.plan.batch_size
         base = unet.model_options.get("memory_peak_estimation_modifier", unet.memory_required)
@@ -196,12 +252,13 @@ def patch_unet(p, generation, attention: Attention) -> None:
         unet.set_memory_peak_estimation_modifier(lambda shape: base(shape) * (1 + rate * (frames - 1)))
     if storysync is not None:
         unet.set_model_attn1_output_patch(storysync_output_patch)
-    attn2 = ipca_replace(attention) if generation.ipca is not None else None
-    if storysync is not None:
-        attn2 = with_subject_maps(attn2 or (lambda q, k, v, extra_options: attention(q, k, v,
-                                                                                     extra_options["n_heads"])))
-    if attn2 is not None:
-        unet.set_model_replace_all(attn2, "attn2")
+    def attn2(foreign: Patch | None) -> Patch:
+        patch = ipca_replace(attention, foreign) if generation.ipca is not None else _plain(attention, foreign)
+        return with_subject_maps(patch) if storysync is not None else patch  # the maps only read q and k
+
+    if generation.ipca is not None or storysync is not None:
+        for name in set_replace_all(unet, "attn2", attn2):
+            log.info("cross-attention patch %s kept under ours", name)
     p.sd_model.forge_objects.unet = unet
 
 

@@ -282,3 +282,23 @@ def test_storysync_prepass_leaves_the_sampling_reproducible():
     second = txt2img(storysync_args(), sampler_name="Euler a")
     assert [image_bytes(first, i) for i in range(3)] == [image_bytes(second, i) for i in range(3)]
     assert image_bytes(txt2img(sampler_name="Euler a")) == plain_before
+
+
+SAG = "selfattentionguidance integrated (sd 1.x, sd 2.x, sdxl)"  # Forge's built-in, an attn1 replace patch
+
+
+def test_another_extensions_attention_patch_is_kept_or_the_combination_refused():
+    """Forge: SAG's patch on the middle block still runs under ours (CSA on the up blocks: the images differ from CSA
+    alone, and nothing fails); StorySync, whose BLI changes every block, is refused with SAG's patch named."""
+    status, scripts = call("/sdapi/v1/script-info")
+    if not any(s["name"] == SAG for s in scripts):
+        pytest.skip("needs Forge's built-in SelfAttentionGuidance script")
+    sag = {SAG: {"args": [True, 0.5, 2.0, 1.0]}}
+    csa = story_args(preset="StoryDiffusion", csa_layers="up", storyboard=False)
+    alone = txt2img(csa)
+    both = txt2img(alwayson_scripts={"consistent story": {"args": csa}, **sag})
+    assert [image_bytes(both, i) for i in range(3)] != [image_bytes(alone, i) for i in range(3)]
+    payload = {**BASE, "alwayson_scripts": {"consistent story": {"args": story_args(preset="StorySync")}, **sag}}
+    status, body = call("/sdapi/v1/txt2img", payload)
+    text = " ".join(str(body.get(key) or "") for key in ("detail", "errors", "message"))
+    assert status != 200 and "StorySync cannot share" in text and "attn_and_record" in text, text
