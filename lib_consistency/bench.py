@@ -118,6 +118,9 @@ def _seconds(call: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - began
 
 
+_CYCLES: float | None = None  # GPU sleep cycles per second, calibrated on first use
+
+
 def _sleep_cycles_per_second() -> float:
     """GPU clock cycles per second of ``torch.cuda._sleep`` (calibrated once with CUDA events)."""
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -155,9 +158,6 @@ def _queued_seconds(call: Callable[[], object], calls: int, host_seconds: float)
     queued = time.perf_counter() - began
     torch.cuda.synchronize()
     return start.elapsed_time(stop) / 1000.0 / calls, queued < asleep.elapsed_time(start) / 1000.0
-
-
-_CYCLES: float | None = None
 
 
 def sandwiched_on_device(plain: Callable[[], object], hooked: Callable[[], object], repeats: int,
