@@ -89,6 +89,31 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def added_conditioning(config: dict, rows: int, size: float, generator: torch.Generator, device: torch.device,
+                       dtype: torch.dtype) -> dict | None:
+    """SDXL's ``added_cond_kwargs`` for ``rows`` rows (random pooled text embeddings, a ``size``² image without
+    crop); None for a UNet without them (SD1.5)."""
+    if config.get("addition_embed_type") != "text_time":
+        return None
+    pooled = config["projection_class_embeddings_input_dim"] - TIME_IDS * config["addition_time_embed_dim"]
+    return {"text_embeds": torch.randn(rows, pooled, generator=generator).to(device, dtype),
+            "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]] * rows, device=device, dtype=dtype)}
+
+
+def median_seconds(call: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up call, synchronised on CUDA (host time included)."""
+    samples = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        samples.append(time.perf_counter() - began)
+    return statistics.median(samples[1:])
+
+
 def _frozen_denoiser(unet: torch.nn.Module, config: dict, dtype: torch.dtype,
                      device: torch.device) -> Callable[..., torch.Tensor]:
     """denoise(x_t, t, prompts, deltas) with a fixed random context (77 tokens) and Δ added at BASE_TOKEN.
@@ -97,11 +122,7 @@ def _frozen_denoiser(unet: torch.nn.Module, config: dict, dtype: torch.dtype,
     context = torch.randn(1, TOKENS, config["cross_attention_dim"], generator=generator).to(device, dtype)
     base = torch.zeros(1, TOKENS, 1, device=device, dtype=dtype)
     base[0, BASE_TOKEN] = 1
-    added = None
-    if config.get("addition_embed_type") == "text_time":
-        pooled = config["projection_class_embeddings_input_dim"] - TIME_IDS * config["addition_time_embed_dim"]
-        added = {"text_embeds": torch.randn(1, pooled, generator=generator).to(device, dtype),
-                 "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]], device=device, dtype=dtype)}
+    added = added_conditioning(config, 1, 1024.0, generator, device, dtype)
 
     def denoise(x_t: torch.Tensor, timesteps: torch.Tensor, prompts: list, deltas: torch.Tensor) -> torch.Tensor:
         rows = len(x_t)
@@ -199,16 +220,7 @@ def run_inference_bench(arch: str, device: torch.device | str, dtype: torch.dtyp
     context = torch.randn(batch, TOKENS, width, device=device, dtype=dtype)
 
     def timed(call: Callable[[], object]) -> float:
-        samples = []
-        for _ in range(repeats + 1):  # the first call warms up
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            call()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples[1:])
+        return median_seconds(call, device, repeats)
 
     def rows(n: int) -> Callable[[], object]:
         x = torch.randn(n, config["in_channels"], side, side, device=device)

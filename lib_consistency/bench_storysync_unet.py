@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import re
 import statistics
-import time
 from typing import Callable
 
 import torch
 
 from .attention_hooks import remove_hooks
-from .bench_oneactor import LATENT_SIDES, TIME_IDS, TOKENS, UNET_CONFIGS, _diffusers
+from .bench_oneactor import LATENT_SIDES, TOKENS, UNET_CONFIGS, _diffusers, added_conditioning, median_seconds
 from .consistent_self_attention import LayerAddress
 from .row_layout import Role, RowLayout
 from .story_sync import StorySyncSettings, StorySyncState
@@ -80,13 +79,8 @@ def run(arch: str, device: torch.device | str, dtype: torch.dtype, frames: int =
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(rows, config["in_channels"], side, side, generator=generator).to(device, dtype)
     context = torch.randn(rows, TOKENS, config["cross_attention_dim"], generator=generator).to(device, dtype)
-    kwargs = {}
-    if config.get("addition_embed_type") == "text_time":
-        pooled = config["projection_class_embeddings_input_dim"] - TIME_IDS * config["addition_time_embed_dim"]
-        size = float(side * 8)
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(rows, pooled, generator=generator).to(device, dtype),
-            "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]] * rows, device=device, dtype=dtype)}
+    added = added_conditioning(config, rows, float(side * 8), generator, device, dtype)
+    kwargs = {} if added is None else {"added_cond_kwargs": added}
     timestep = torch.full((rows,), 500, device=device)
     layout = RowLayout(tuple(range(frames)) * 2, (Role.COND,) * frames + (Role.UNCOND,) * frames)
     state = StorySyncState(StorySyncSettings(bli_strength=0.0), run_seed=1,
@@ -104,16 +98,7 @@ def run(arch: str, device: torch.device | str, dtype: torch.dtype, frames: int =
         return call
 
     def timed(call: Callable[[], object]) -> float:
-        samples = []
-        for _ in range(repeats + 1):  # the first call warms up
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            began = time.perf_counter()
-            call()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            samples.append(time.perf_counter() - began)
-        return statistics.median(samples[1:])
+        return median_seconds(call, device, repeats)
 
     layers = config["layers_per_block"]
     with torch.inference_mode():

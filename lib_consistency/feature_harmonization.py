@@ -115,12 +115,16 @@ def _check(features: torch.Tensor, mask: torch.Tensor, what: str) -> None:
                          f"mask, got {mask.dtype} {tuple(mask.shape)}")
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return mask.cpu().nonzero().flatten()  # masks live on the CPU (``story_sync``): no device sync
+def _positions(mask: torch.Tensor, found: dict[int, torch.Tensor]) -> torch.Tensor:
+    """True positions of a mask, once per mask object and call (a frame's mask serves as query and as key).
+    Masks live on the CPU (``story_sync``): no device sync."""
+    if id(mask) not in found:
+        found[id(mask)] = mask.cpu().nonzero().flatten()
+    return found[id(mask)]
 
 
 def _character_match(flat: torch.Tensor, num_tokens: int, targets, keys_flat: torch.Tensor, key_offsets,
-                     sources, readable, character: str):
+                     sources, readable, character: str, found: dict[int, torch.Tensor]):
     """One character's matches over every target row: (query flat positions, CPU and device int64 (n,), best
     cosines (n,), gate (n,), matched key tokens (n, C)), or None when no target row has both positions and readable
     tokens. ``keys_flat`` is every source's features concatenated ((Σ Ns, C)), source s starting at
@@ -129,7 +133,7 @@ def _character_match(flat: torch.Tensor, num_tokens: int, targets, keys_flat: to
     key_index, key_source = [], []
     for s, (_, masks) in enumerate(sources):
         if character in masks:
-            positions = _positions(masks[character])
+            positions = _positions(masks[character], found)
             if positions.numel():
                 key_index.append(key_offsets[s] + positions)
                 key_source.append(torch.full((positions.numel(),), s))
@@ -137,7 +141,7 @@ def _character_match(flat: torch.Tensor, num_tokens: int, targets, keys_flat: to
     queries, query_target, rows_used = [], [], []
     for t, (row, masks) in enumerate(targets):
         if character in masks and have & set(readable[t]):
-            positions = _positions(masks[character])
+            positions = _positions(masks[character], found)
             if positions.numel():
                 queries.append(row * num_tokens + positions)
                 query_target.append(torch.full((positions.numel(),), len(rows_used)))
@@ -203,8 +207,10 @@ def harmonize_rows(features: torch.Tensor, targets: Sequence[tuple[int, Mapping[
     key_offsets = torch.tensor([0] + [source.shape[0] for source, _ in sources]).cumsum(0).tolist()
     keys_flat = torch.cat([source.to(device=device, dtype=features.dtype) for source, _ in sources]) \
         if sources else None  # one copy of every source, so each character gathers its keys at once
+    found_positions: dict[int, torch.Tensor] = {}
     for character in characters:
-        found = _character_match(flat, num_tokens, targets, keys_flat, key_offsets, sources, readable, character)
+        found = _character_match(flat, num_tokens, targets, keys_flat, key_offsets, sources, readable, character,
+                                 found_positions)
         if found is None:
             continue
         query_flat, positions, cosine, gate, matched = found
@@ -244,11 +250,7 @@ def harmonize_characters(features: torch.Tensor, characters: Sequence[tuple[torc
     positions outside every mask, ungated or dropped keep their exact values. ``features`` is never modified; it is
     returned itself when nothing can be harmonised (γ = 0, p = 1, empty masks or references), else a new tensor.
     """
-    for mask, references in characters:
-        _check(features, mask, "frame")
-        for ref_features, ref_mask in references:
-            _check(ref_features, ref_mask, "reference")
-    names = [str(c) for c in range(len(characters))]
+    names = [str(c) for c in range(len(characters))]  # harmonize_rows checks every mask
     sources = [(ref_features, {name: ref_mask}) for name, (_, references) in zip(names, characters)
                for ref_features, ref_mask in references]
     batch = features.unsqueeze(0)

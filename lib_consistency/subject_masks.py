@@ -42,33 +42,14 @@ def _otsu_cut(histogram: torch.Tensor, low: torch.Tensor, span: torch.Tensor, bi
     return (low + (cut + 1) * span / bins).squeeze(-1)
 
 
-def otsu_thresholds(values: torch.Tensor, bins: int = OTSU_BINS) -> torch.Tensor:
-    """Otsu's threshold of every row of ``values`` (..., n), n ≥ 1, finite: float64 (...,) on values' device.
-
-    Per row: the cut that maximises the between-class variance of a ``bins``-bin histogram over [min, max] (bin of
-    x: ``floor((x − min)·bins / (max − min))``, the maximum in the last bin); the first such cut on a tie. Returns
-    the upper edge of the last bin of the low class, so ``values > threshold`` is the high class; a constant row
-    returns its value (nothing is above it). No host synchronisation: every step is a tensor op (a histogram by
-    ``scatter_add_``), so a CUDA caller's queue keeps running.
-    """
-    flat = values.detach().to(torch.float64)
-    low, high = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
-    span = torch.where(high > low, high - low, torch.ones_like(high))
-    index = ((flat - low) * bins / span).floor_().clamp_(0, bins - 1).long()
-    histogram = torch.zeros(flat.shape[:-1] + (bins,), dtype=torch.float64, device=flat.device)
-    histogram.scatter_add_(-1, index, torch.ones_like(flat))
-    shape = flat.shape[:-1]
-    cut = _otsu_cut(histogram.reshape(-1, bins), low.reshape(-1, 1), span.reshape(-1, 1), bins).reshape(shape)
-    return torch.where(high.squeeze(-1) > low.squeeze(-1), cut, high.squeeze(-1))
-
-
 def segment_otsu_thresholds(values: torch.Tensor, segments: torch.Tensor, count: int,
                             bins: int = OTSU_BINS) -> tuple[torch.Tensor, torch.Tensor]:
     """Otsu per segment of a flat ``values`` (n,): ``segments`` (n,) int64 in [0, count) names each value's segment.
 
-    Returns (thresholds float64 (count,), constant bool (count,)): each segment's ``otsu_thresholds`` of its values
-    (the same bins and cut), and whether the segment has fewer than two distinct values (or none). One pass of
-    tensor ops for every segment, no host synchronisation.
+    Returns (thresholds float64 (count,), constant bool (count,)): each segment's Otsu threshold as
+    ``otsu_thresholds`` defines it, and whether the segment has fewer than two distinct values (or none). One pass
+    of tensor ops for every segment (min and max by ``scatter_reduce``, the histograms by ``scatter_add_``), no
+    host synchronisation.
     """
     flat = values.detach().to(torch.float64)
     device = flat.device
@@ -84,6 +65,21 @@ def segment_otsu_thresholds(values: torch.Tensor, segments: torch.Tensor, count:
     histogram.scatter_add_(0, segments * bins + index, torch.ones_like(flat))
     cut = _otsu_cut(histogram.view(count, bins), safe_low.unsqueeze(1), span.unsqueeze(1), bins)
     return torch.where(constant, high, cut), constant
+
+
+def otsu_thresholds(values: torch.Tensor, bins: int = OTSU_BINS) -> torch.Tensor:
+    """Otsu's threshold of every row of ``values`` (..., n), n ≥ 1, finite: float64 (...,) on values' device.
+
+    Per row: the cut that maximises the between-class variance of a ``bins``-bin histogram over [min, max] (bin of
+    x: ``floor((x − min)·bins / (max − min))``, the maximum in the last bin); the first such cut on a tie. Returns
+    the upper edge of the last bin of the low class, so ``values > threshold`` is the high class; a constant row
+    returns its value (nothing is above it). Each row is one segment of ``segment_otsu_thresholds``: tensor ops
+    only, no host synchronisation.
+    """
+    rows = values.detach().reshape(-1, values.shape[-1])
+    segments = torch.arange(rows.shape[0], device=rows.device).repeat_interleave(rows.shape[1])
+    thresholds, _ = segment_otsu_thresholds(rows.reshape(-1), segments, rows.shape[0], bins)
+    return thresholds.reshape(values.shape[:-1])
 
 
 def otsu_threshold(values: torch.Tensor, bins: int = OTSU_BINS) -> float:
