@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 
@@ -101,6 +101,41 @@ def without_extra_networks(text: str) -> str:
     """``text`` without ``<lora:…>``, ``<oneactor:…>`` and other extra-network tags, spaces collapsed: the host
     activates those per image from the frame prompts; they are not words of the consolidated prompt."""
     return " ".join(EXTRA_NETWORK_TAG.sub("", text).split())
+
+
+def extra_networks_of(prompt: str, per_image: Collection[str] = ()) -> tuple[str, ...]:
+    """The extra networks ``prompt`` names, as the host parses them: ``<kind:args>`` tags, sorted, repeats kept;
+    kinds in ``per_image`` (networks that act per image, not on the model's weights) left out."""
+    return tuple(sorted(f"<{m[1]}:{m[2]}>" for m in EXTRA_NETWORK_TAG.finditer(prompt) if m[1] not in per_image))
+
+
+def frame_label(story: Story, frame: int) -> str:
+    """How messages name a frame: its number, and its story line (text form) or field (JSON form)."""
+    line = story.frames[frame].line
+    return f"frame {frame + 1} (story {'line ' + str(line) if line is not None else f'field frames[{frame}]'})"
+
+
+def check_batch_networks(story: Story, prompts: Sequence[str], batches: Sequence[Sequence[int]],
+                         per_image: Collection[str] = ()) -> None:
+    """Refuse a batch whose frames name different extra networks (LoRA, hypernetworks…).
+
+    Host contract (A1111 1.10 / Forge ``extra_networks.parse_prompts``): the networks of a batch's *first* prompt
+    are activated for the whole batch (they change the model's weights), so another frame of that batch would
+    silently be drawn with the first frame's networks. ``prompts``: every frame's prompt as the host holds it
+    (``p.all_prompts``: styles applied); ``batches``: the frames of each batch.
+    """
+    for frames in batches:
+        first, *rest = frames
+        wanted = extra_networks_of(prompts[first], per_image)
+        for frame in rest:
+            named = extra_networks_of(prompts[frame], per_image)
+            if named != wanted:
+                raise ValueError(
+                    f"{frame_label(story, first)} and {frame_label(story, frame)} are drawn in one batch but name "
+                    f"different extra networks ({' '.join(wanted) or 'none'}; {' '.join(named) or 'none'}). The WebUI "
+                    f"applies one set of networks to a whole batch, so the second would get the first's. Put the tag "
+                    f"in the style prompt (every frame), give every frame of a batch the same tags, or lower "
+                    f"'Frames per batch' so these frames fall in different batches")
 
 
 def plan_consolidation(settings: Settings, story: Story, style: str, tokenize: Tokenizer) -> TokenPlan:

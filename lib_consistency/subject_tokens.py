@@ -27,6 +27,7 @@ import re
 from typing import Callable, Mapping, Sequence
 
 from .story import Story
+from .story_run import EXTRA_NETWORK_TAG
 from .token_plan import CHUNK_CONTENT_TOKENS, Tokenizer
 
 Piece = tuple[str, "str | None"]  # (text, owner): owner is a character name for its description, else None
@@ -169,8 +170,13 @@ def _described(story: Story, names: Sequence[str], separator: str) -> list[Piece
     for name in names:
         character = story.character(name)
         out += [(separator, None)] if out else []
-        out.append((character.description, character.name))
+        out.append((_bare(character.description), character.name))
     return out
+
+
+def _bare(text: str) -> str:
+    """``text`` as the host tokenises it: extra-network tags (``<lora:…>``) removed, nothing else touched."""
+    return EXTRA_NETWORK_TAG.sub("", text)
 
 
 def _join(groups: Sequence[list[Piece]], separator: str) -> list[Piece]:
@@ -186,7 +192,7 @@ def frame_prompt_pieces(story: Story, i: int, style: str = "") -> list[Piece]:
     """Pieces of ``story.frame_prompt(i, style)``: style, the frame's characters' descriptions, its text."""
     frame = story.frames[i]
     return _join([[(" ".join(style.split()), None)], _described(story, frame.characters, ", "),
-                  [(frame.prompt, None)]], ", ")
+                  [(_bare(frame.prompt), None)]], ", ")
 
 
 def consolidated_identity_pieces(story: Story, style: str = "") -> list[Piece]:

@@ -27,6 +27,26 @@ def parse_prompt(text: str):
     return re.sub(r"<(\w+):([^>]+)>", take, text), found
 
 
+def parse_prompts(prompts):
+    """``extra_networks.parse_prompts``: every prompt's tags removed; the networks of the FIRST prompt only."""
+    parsed = [parse_prompt(text) for text in prompts]
+    return [text for text, _ in parsed], parsed[0][1]
+
+
+class PromptStyles:
+    """``shared.prompt_styles``: named style prompts merged like ``modules/styles.merge_prompts``."""
+
+    def __init__(self) -> None:
+        self.styles: dict[str, str] = {}
+
+    def apply_styles_to_prompt(self, prompt, styles):
+        for name in styles:
+            style = self.styles[name]
+            prompt = style.replace("{prompt}", prompt) if "{prompt}" in style else \
+                ", ".join(part for part in (prompt.strip(), style.strip()) if part)
+        return prompt
+
+
 class ImageRNG:
     """``modules.rng.ImageRNG``: one generator per seed; ``next()`` draws the batch's noise and advances them."""
 
@@ -45,6 +65,7 @@ def stub_modules() -> dict[str, types.ModuleType]:
     mods["modules.devices"].autocast = contextlib.nullcontext
     mods["modules.devices"].dtype_unet = torch.float32
     mods["modules.extra_networks"].parse_prompt = parse_prompt
+    mods["modules.extra_networks"].parse_prompts = parse_prompts
     mods["modules.extra_networks"].registry = {}
     mods["modules.extra_networks"].ExtraNetwork = type("ExtraNetwork", (), {
         "__init__": lambda self, name: setattr(self, "name", name)})
@@ -75,6 +96,7 @@ def stub_modules() -> dict[str, types.ModuleType]:
     opts = types.SimpleNamespace(data={}, skip_early_cond=0.0, s_min_uncond_all=False, grid_save=False,
                                  grid_format="png")
     mods["modules.shared"].opts = opts
+    mods["modules.shared"].prompt_styles = PromptStyles()
     mods["modules.shared"].state = types.SimpleNamespace(sampling_step=0, sampling_steps=0, current_latent=None,
                                                          current_image_sampling_step=0)
     mods["modules.shared"].total_tqdm = types.SimpleNamespace(update=lambda: None)
@@ -133,18 +155,29 @@ class ToyTransformer(torch.nn.Module):
         return h.transpose(1, 2).reshape(b, c, height, width)
 
 
+class Downsample(torch.nn.Identity):
+    """Marks a level change like ldm's ``Downsample`` / ``Upsample`` blocks (the toy's forward pools itself)."""
+
+
+class Upsample(torch.nn.Identity):
+    pass
+
+
 class ToyUNet(torch.nn.Module):
     """ldm names: input_blocks.1.1 at the latent size, middle_block.1 at latent/4 (StorySync's mask level),
-    output_blocks.3.1 at latent/2 (image/16), in that order."""
+    output_blocks.3.1 at latent/2 (image/16), in that order; Downsample/Upsample blocks where ldm has them."""
 
     def __init__(self, channels: int = 8, context_dim: int = 16) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.input_blocks = torch.nn.ModuleList([torch.nn.Conv2d(4, channels, 1),
                                                  torch.nn.ModuleList([torch.nn.Identity(),
-                                                                      ToyTransformer(channels, context_dim)])])
+                                                                      ToyTransformer(channels, context_dim)]),
+                                                 torch.nn.ModuleList([Downsample()]),
+                                                 torch.nn.ModuleList([Downsample()])])
         self.middle_block = torch.nn.ModuleList([torch.nn.Identity(), ToyTransformer(channels, context_dim)])
-        self.output_blocks = torch.nn.ModuleList([torch.nn.Identity() for _ in range(3)] + [
+        self.output_blocks = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.ModuleList([Upsample()]),
+                                                  torch.nn.Identity()] + [
             torch.nn.ModuleList([torch.nn.Identity(), ToyTransformer(channels, context_dim)])])
         self.out = torch.nn.Conv2d(channels, 4, 1)
 
@@ -185,9 +218,12 @@ class ToyModel:
         self.model = types.SimpleNamespace(diffusion_model=ToyUNet(context_dim=encoder.config.hidden_size))
         self.cond_stage_model = ToyTextModel(tokenizer, encoder)
         self.encoded_texts: list[str] = []
+        self.active_networks: tuple[str, ...] = ()  # set by ToyProcessing.run_batches like extra_networks.activate
+        self.encoded_under: list[tuple[str, ...]] = []  # the networks active at each encoder call
 
     def get_learned_conditioning(self, texts):
         self.encoded_texts += list(texts)
+        self.encoded_under.append(self.active_networks)
         return self.cond_stage_model.encode(texts)
 
 
@@ -198,6 +234,8 @@ class ToyProcessing:
         self.sd_model, self.prompt, self.negative_prompt = model, prompt, ""
         self.seed, self.batch_size, self.n_iter, self.iteration, self.steps = -1, 1, 1, 0, steps
         self.enable_hr, self.is_hr_pass, self.width, self.height = False, False, 64, 64
+        self.styles: list[str] = []
+        self.all_prompts = None  # set by setup_prompts, like the host before any script's process
         self.extra_generation_params: dict = {}
         self.do_not_save_grid, self.outpath_grids, self.main_prompt = True, "", prompt
         self.closed = False
@@ -206,6 +244,30 @@ class ToyProcessing:
 
     def close(self):
         self.closed = True
+
+    def setup_prompts(self):
+        """``StableDiffusionProcessing.setup_prompts`` and the seeds of ``process_images_inner``."""
+        from modules import shared
+        prompts = self.prompt if isinstance(self.prompt, list) else [self.prompt] * (self.batch_size * self.n_iter)
+        self.all_prompts = [shared.prompt_styles.apply_styles_to_prompt(text, self.styles) for text in prompts]
+        self.all_seeds = list(self.seed) if isinstance(self.seed, list) else \
+            [int(self.seed) + i for i in range(len(self.all_prompts))]
+
+    def run_batches(self, on_cfg_denoiser, scripts_process=None):
+        """``process_images_inner`` from ``setup_prompts``: every script's ``process``, then per batch the networks
+        of the batch's first prompt activated (``extra_networks.parse_prompts``) and ``sample``."""
+        from modules import extra_networks
+        self.setup_prompts()
+        if scripts_process is not None:
+            scripts_process(self)
+        outputs = []
+        for n in range(self.n_iter):
+            self.iteration = n
+            _, networks = extra_networks.parse_prompts(self.all_prompts[n * self.batch_size:][:self.batch_size])
+            self.sd_model.active_networks = tuple(sorted(f"<{kind}:{':'.join(params.items)}>"
+                                                         for kind, found in networks.items() for params in found))
+            outputs.append(self.sample(on_cfg_denoiser))
+        return outputs
 
     def sample(self, on_cfg_denoiser, fail_at_step: int | None = None):
         """One batch: ``steps`` denoiser calls, each one UNet call of 2B rows [cond ; uncond] (batch_cond_uncond)."""

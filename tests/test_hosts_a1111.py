@@ -175,7 +175,6 @@ def test_long_story_writes_then_reads_the_bank(host):
     (lambda mods, model, p: setattr(model, "is_sd1", False), "only SD1.x and SDXL"),
     (lambda mods, model, p: setattr(mods["modules.sd_unet"], "current_unet", object()), "replaced UNet"),
     (lambda mods, model, p: setattr(p, "refiner_checkpoint_info", object()), "refiner"),
-    (lambda mods, model, p: mods["modules.shared"].opts.data.update(hypertile_enable_unet=True), "Hypertile"),
 ])
 def test_unsupported_setups_are_refused_before_sampling(monkeypatch, clip_tokenizer, setup, message):
     mods = install_stub_modules(monkeypatch)

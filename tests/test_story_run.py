@@ -154,3 +154,29 @@ def test_consolidated_prompt_never_holds_extra_network_tags(tokenize):
                                "watercolor", tokenize)
     assert [f.text for f in plan.frames] == [f.text for f in clean.frames]
     assert all("<" not in f.text for f in plan.frames)
+
+
+def test_extra_networks_of_a_prompt_as_the_host_parses_them():
+    from lib_consistency.story_run import extra_networks_of
+    assert extra_networks_of("ink <lora:b:1> fox <lora:a:0.5:te=1> <oneactor:rex> <lora:b:1>", ("oneactor",)) == \
+        ("<lora:a:0.5:te=1>", "<lora:b:1>", "<lora:b:1>")
+    assert extra_networks_of("<oneactor:rex>") == ("<oneactor:rex>",) and extra_networks_of("plain, (x:1.2)") == ()
+
+
+def test_a_batch_whose_frames_name_different_networks_is_refused_with_both_frames():
+    from lib_consistency.story_run import check_batch_networks
+    story = plan_story_run(settings(), "", 1).story
+    same = ["ink <lora:a:1>"] * 4
+    check_batch_networks(story, same, [range(4)])
+    mixed = ["ink <lora:a:1>", "ink <lora:a:1>", "ink <lora:b:1> <lora:a:1>", "ink"]
+    with pytest.raises(ValueError, match=r"frame 1 \(story line 4\) and frame 3 \(story line 6\) are drawn in one "
+                                         r"batch.*\(<lora:a:1>; <lora:a:1> <lora:b:1>\)"):
+        check_batch_networks(story, mixed, [range(4)])
+    check_batch_networks(story, mixed, [range(2), range(2, 3), range(3, 4)])  # each batch agrees
+    with pytest.raises(ValueError, match=r"frame 3 \(story line 6\) and frame 4 \(story line 7\).*none"):
+        check_batch_networks(story, mixed, [range(2), range(2, 4)])
+    check_batch_networks(story, ["<oneactor:x>", "", "<oneactor:y>", ""], [range(4)], per_image=("oneactor",))
+    json_text = '{"identity": "a fox", "frames": ["runs", "sits <lora:a:1>"]}'
+    json_story = plan_story_run(settings(story=json_text), "", 1).story
+    with pytest.raises(ValueError, match=r"frame 1 \(story field frames\[0\]\) and frame 2 \(story field frames\[1\]"):
+        check_batch_networks(json_story, [f.prompt for f in json_story.frames], [range(2)])

@@ -317,3 +317,21 @@ def test_positions_beyond_the_first_chunk(tokenize, filler, ok):
     else:
         with pytest.raises(ValueError, match="^Bob: its description lies beyond the first 75 tokens .* 76"):
             subject_positions(pieces, tokenize, {"Bob": ("man",)})
+
+
+def test_extra_network_tags_are_not_tokens_of_the_pieces(tokenize):
+    """The host removes ``<lora:…>`` tags before tokenising (``extra_networks.parse_prompts``); the subject positions
+    are those of the prompt without them, wherever the tags were (a description, a frame line)."""
+    tagged = parse_story(COMIC.replace("blue coat |", "blue coat <lora:bob:0.7> |")
+                         .replace("an empty street", "<lora:rain:1> street")
+                         .replace("a young woman", "a <hypernet:x:1> young woman"))
+    plain = parse_story(COMIC.replace("an empty street", " street"))
+    for i in range(len(tagged.frames)):
+        pieces = frame_prompt_pieces(tagged, i, "comic book")
+        assert "<" not in prompt_of(pieces)
+        host_prompt = re.sub(r"<(\w+):([^>]+)>", "", tagged.frame_prompt(i, "comic book"))
+        assert tokenize(prompt_of(pieces)) == tokenize(host_prompt)
+        assert subject_positions(pieces, tokenize, story_subjects(tagged)) == \
+            subject_positions(frame_prompt_pieces(plain, i, "comic book"), tokenize, story_subjects(plain))
+    assert subject_positions(consolidated_identity_pieces(tagged), tokenize, story_subjects(tagged)) == \
+        subject_positions(consolidated_identity_pieces(plain), tokenize, story_subjects(plain))

@@ -35,6 +35,7 @@ from ..story_run import FrameConditioning, StoryRunPlan, plan_consolidation, pla
 from ..story_sync import StorySyncState
 from ..storysync_hooks import install_storysync_hooks
 from ..token_plan import verify_token_plan
+from .coexist import batch_networks, check_host_prompts, hypertile_refusal, keep_dynamic_prompts_off
 from .forge import is_forge, patch_unet
 from .prepass import run_vanilla_prepass, wants_prepass
 from .storysync import mask_images, storysync_state
@@ -53,8 +54,10 @@ class StoryGeneration:
     def __init__(self, settings: Settings, plan: StoryRunPlan, error: Exception | None = None) -> None:
         self.settings, self.plan, self.error = settings, plan, error
         self.cursor = A1111RowCursor()
-        self.conditioning: FrameConditioning | None = None
-        self.pooled: dict[str, torch.Tensor] = {}
+        self.conditioning: FrameConditioning | None = None  # this batch's (one per set of extra networks)
+        self.conditionings: dict[tuple[str, ...], tuple[FrameConditioning, dict[str, torch.Tensor]]] = {}
+        self.pooled: dict[str, torch.Tensor] = {}  # SDXL pooled vector per text, of this batch's conditioning
+        self.checked = False
         self.batch_contexts: torch.Tensor | None = None  # [B, 77, D] of the batch being sampled
         self.batch_pooled: torch.Tensor | None = None
         self.csa: ConsistencyState | None = None
@@ -116,9 +119,8 @@ def refusal(p, settings: Settings) -> str | None:
     prompts = [p.prompt] if isinstance(p.prompt, str) else list(p.prompt)  # the frames' prompts by now
     if any(_AND.search(text) for text in prompts + [settings.story]):
         return "'AND' prompts (composable diffusion) are not supported"
-    if settings.csa and (shared.opts.data.get("hypertile_enable_unet") or
-                         shared.opts.data.get("hypertile_enable_unet_secondpass")):
-        return "Hypertile (UNet) splits the self-attention the story shares; turn it off in Settings"
+    if settings.csa and not is_forge(p):
+        return hypertile_refusal(p, _unet(p), settings.csa_layers)
     return None
 
 
@@ -135,6 +137,7 @@ def before_process(p, args: Sequence[Any]) -> None:
         style = p.prompt if isinstance(p.prompt, str) else p.prompt[0]
         plan = plan_story_run(settings, style, processing.get_fixed_seed(
             p.seed[0] if isinstance(p.seed, list) else p.seed))
+        keep_dynamic_prompts_off(p, plan)
     except Exception as error:  # kept and raised from p.sample: the host would swallow it here
         _keep_error(p, error)
         return
@@ -180,6 +183,13 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
             generation.error = RuntimeError(f"Consistent Story: {reason}")
         if generation.error is not None:
             raise generation.error
+        if not generation.checked:  # setup_prompts and every script's process have run by now
+            generation.checked = True
+            try:
+                check_host_prompts(p, generation.plan, generation.settings.consolidate)
+            except ValueError as error:
+                generation.error = RuntimeError(_message(error))
+                raise generation.error from None
         try:
             try:
                 install(p, generation)  # inside the outer try: a half-done install is undone too
@@ -211,28 +221,38 @@ def _unet_dtype() -> torch.dtype:
 
 
 def _plan_conditioning(p, generation: StoryGeneration) -> FrameConditioning:
-    """Once per generation: token plan counted with the host's CLIP-L tokenizer, spans verified with every CLIP
-    tokenizer of the model (methods.md §2.8 step A2) and recorded in the infotext, then every frame encoded."""
+    """This batch's 1P1S conditioning. Once per generation: token plan counted with the host's CLIP-L tokenizer,
+    spans verified with every CLIP tokenizer of the model (methods.md §2.8 step A2) and recorded in the infotext.
+    Once per set of extra networks (activated by the host before this ``p.sample``; a LoRA may change the text
+    encoder): every frame encoded."""
     settings, plan = generation.settings, generation.plan
-    tokenizers = required_tokenizers(p.sd_model, "1Prompt1Story cannot count its tokens")
-    style_text, _ = extra_networks.parse_prompt(plan.style)  # <lora:...> tags are not prompt text
-    token_plan = plan_consolidation(settings, plan.story, style_text, tokenizers[0][1])
-    for name, tokenize in tokenizers:
-        verify_token_plan(token_plan, tokenize, name)
-    p.extra_generation_params[SPANS_INFOTEXT_KEY] = token_plan.spans_line()
-    conditioning = FrameConditioning(settings, token_plan, _encoder(p, generation), _unet_dtype())
-    conditioning.contexts(range(plan.frame_count))  # one encoder call per generation
+    networks = batch_networks(p, plan)
+    if networks not in generation.conditionings:
+        if generation.conditioning is None:
+            tokenizers = required_tokenizers(p.sd_model, "1Prompt1Story cannot count its tokens")
+            style_text, _ = extra_networks.parse_prompt(plan.style)  # <lora:...> tags are not prompt text
+            token_plan = plan_consolidation(settings, plan.story, style_text, tokenizers[0][1])
+            for name, tokenize in tokenizers:
+                verify_token_plan(token_plan, tokenize, name)
+            p.extra_generation_params[SPANS_INFOTEXT_KEY] = token_plan.spans_line()
+        else:
+            token_plan = generation.conditioning.token_plan
+        pooled: dict[str, torch.Tensor] = {}
+        conditioning = FrameConditioning(settings, token_plan, _encoder(p, pooled), _unet_dtype())
+        conditioning.contexts(range(plan.frame_count))  # one encoder call per set of networks
+        generation.conditionings[networks] = conditioning, pooled
+    conditioning, generation.pooled = generation.conditionings[networks]
     return conditioning
 
 
-def _encoder(p, generation: StoryGeneration):
+def _encoder(p, pooled: dict[str, torch.Tensor]):
     def encode(texts: Sequence[str]) -> list[torch.Tensor]:
         conditioning = prompt_parser.SdConditioning(list(texts), width=p.width, height=p.height)
         with devices.autocast(), torch.no_grad():
             encoded = p.sd_model.get_learned_conditioning(conditioning)
         if isinstance(encoded, dict):
             for text, vector in zip(texts, encoded["vector"]):
-                generation.pooled[text] = vector[:SDXL_POOLED_WIDTH]
+                pooled[text] = vector[:SDXL_POOLED_WIDTH]
             encoded = encoded["crossattn"]
         return list(encoded)
     return encode
@@ -244,8 +264,7 @@ def install(p, generation: StoryGeneration) -> None:
     frames = list(plan.batch_frames(p.iteration))
     forge = is_forge(p)
     if settings.consolidate:
-        if generation.conditioning is None:
-            generation.conditioning = _plan_conditioning(p, generation)
+        generation.conditioning = _plan_conditioning(p, generation)
         generation.batch_contexts = torch.stack(generation.conditioning.contexts(frames))
         if generation.pooled:
             token_plan = generation.conditioning.token_plan

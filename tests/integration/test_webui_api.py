@@ -6,6 +6,7 @@ skipped otherwise. Small sizes and few steps keep them usable on a CPU-only serv
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import urllib.error
@@ -302,3 +303,99 @@ def test_another_extensions_attention_patch_is_kept_or_the_combination_refused()
     status, body = call("/sdapi/v1/txt2img", payload)
     text = " ".join(str(body.get(key) or "") for key in ("detail", "errors", "message"))
     assert status != 200 and "StorySync cannot share" in text and "attn_and_record" in text, text
+
+
+# --- issue 11: extra networks and Dynamic Prompts beside a story ----------------------------------------------------
+
+def a_lora() -> str:
+    """``CONSISTENT_STORY_LORA`` (a LoRA made for the loaded checkpoint), else the only LoRA the WebUI lists."""
+    status, loras = call("/sdapi/v1/loras")
+    names = [lora["name"] for lora in loras] if status == 200 else []
+    wanted = os.environ.get("CONSISTENT_STORY_LORA") or (names[0] if len(names) == 1 else "")
+    if wanted not in names:
+        pytest.skip("set CONSISTENT_STORY_LORA to a LoRA file (made for the loaded checkpoint) the WebUI lists")
+    return wanted
+
+
+def pixels(body: dict, index: int = 0) -> bytes:
+    """The image's pixels only: its PNG also carries its infotext, which differs wherever the prompt does."""
+    from PIL import Image
+    return Image.open(io.BytesIO(image_bytes(body, index))).convert("RGB").tobytes()
+
+
+def test_each_frame_gets_the_loras_its_own_prompt_names():
+    """A LoRA in a description acts on that character's frames only (one frame per batch), one in the style on
+    every frame; a LoRA at weight 0 changes nothing (its tag never reaches the text encoder as words)."""
+    lora = a_lora()
+    plain_before = image_bytes(txt2img())
+    story = STORY.replace("white tail", f"white tail <lora:{lora}:1>")
+    tagged = txt2img(story_args(story=story, frames_per_batch=1, storyboard=False))
+    untagged = txt2img(story_args(frames_per_batch=1, storyboard=False))
+    assert [f"<lora:{lora}:1>" in prompt for prompt in tagged["info"]["all_prompts"]] == [True, True, False]
+    assert pixels(tagged, 0) != pixels(untagged, 0) and pixels(tagged, 1) != pixels(untagged, 1)
+    assert pixels(tagged, 2) == pixels(untagged, 2)  # the [NC] frame: no LoRA in its batch
+    in_style = txt2img(story_args(frames_per_batch=1, storyboard=False), prompt=f"watercolor <lora:{lora}:1>")
+    assert all(pixels(in_style, i) != pixels(untagged, i) for i in range(3))
+    weightless = txt2img(story_args(story=story.replace(f"<lora:{lora}:1>", f"<lora:{lora}:0>"), frames_per_batch=1,
+                                    storyboard=False), prompt=f"watercolor <lora:{lora}:0>")
+    assert [pixels(weightless, i) for i in range(3)] == [pixels(untagged, i) for i in range(3)]
+    assert image_bytes(txt2img()) == plain_before
+
+
+def test_frames_of_one_batch_naming_different_loras_are_refused():
+    lora = a_lora()
+    story = STORY.replace("white tail", f"white tail <lora:{lora}:1>")
+    status, body = call("/sdapi/v1/txt2img", {**BASE, "alwayson_scripts": {"consistent story": {"args": story_args(
+        story=story)}}})
+    assert status >= 400 and "frame 1 (story line 2) and frame 3 (story line 4) are drawn in one batch" in \
+        json.dumps(body), body
+
+
+DYNAMIC_PROMPTS = "dynamic prompts"  # the script's name in script-info starts with this (its title has a version)
+
+
+def dynamic_prompts_installed() -> bool:
+    status, scripts = call("/sdapi/v1/script-info")
+    return any(s["name"].startswith(DYNAMIC_PROMPTS) for s in scripts)
+
+
+def test_a_story_is_not_expanded_by_dynamic_prompts():
+    """With sd-dynamic-prompts on (its default, also over the API) a story keeps its frames; a frame using its
+    syntax is refused naming the line; a plain request afterwards is still expanded by it."""
+    if not dynamic_prompts_installed():
+        pytest.skip("needs the sd-dynamic-prompts extension")
+    body = txt2img(story_args(storyboard=False))
+    assert body["info"]["all_prompts"] == ["watercolor, a small red fox with a white tail, runs through snow",
+                                           "watercolor, a small red fox with a white tail, sleeps in a hollow log",
+                                           "watercolor, an empty frozen lake"]
+    assert body["info"]["all_seeds"] == [42, 42, 42]
+    status, refused = call("/sdapi/v1/txt2img", {**BASE, "alwayson_scripts": {"consistent story": {"args": story_args(
+        story=STORY.replace("runs through snow", "runs through {snow|rain}"))}}})
+    assert status >= 400 and "frame 1 (story line 2) uses Dynamic Prompts syntax '{snow|rain}'" in json.dumps(refused)
+    plain = txt2img(prompt="a {red|blue} cat", batch_size=2)
+    assert all("{" not in prompt for prompt in plain["info"]["all_prompts"]), plain["info"]["all_prompts"]
+
+
+def test_hypertile_composes_on_layers_the_story_does_not_share():
+    """A1111's built-in Hypertile on the UNet: at max depth 0 on SD1.5 it tiles only full-resolution layers, which
+    StoryDiffusion's `up_low_res` leaves alone (both run); at depth 3 it would tile a shared layer (refused)."""
+    status, options = call("/sdapi/v1/options")
+    loaded = options.get("sd_model_checkpoint", "")
+    if "hypertile_enable_unet" not in options:
+        pytest.skip("needs A1111's built-in Hypertile")
+    if "xl" in loaded.lower():
+        pytest.skip("written for SD1.5 layer depths")
+    keep = {key: options[key] for key in ("hypertile_enable_unet", "hypertile_max_depth_unet")}
+    csa = story_args(preset="StoryDiffusion", csa_layers="up_low_res", storyboard=False)
+    alone = txt2img(csa)
+    try:
+        assert call("/sdapi/v1/options", {"hypertile_enable_unet": True, "hypertile_max_depth_unet": 0})[0] == 200
+        both = txt2img(csa)
+        assert len(both["images"]) == 3 and "Hypertile U-Net: True" in both["info"]["infotexts"][0]
+        assert "Story Preset: StoryDiffusion" in both["info"]["infotexts"][0]
+        assert call("/sdapi/v1/options", {"hypertile_max_depth_unet": 3})[0] == 200
+        status, body = call("/sdapi/v1/txt2img", {**BASE, "alwayson_scripts": {"consistent story": {"args": csa}}})
+        assert status >= 400 and "Hypertile (UNet) splits the self-attention of output_blocks" in json.dumps(body)
+    finally:
+        call("/sdapi/v1/options", keep)
+    assert [pixels(txt2img(csa), i) for i in range(3)] == [pixels(alone, i) for i in range(3)]
