@@ -286,7 +286,7 @@ class ToyProcessing:
                                            denoiser=denoiser)
             on_cfg_denoiser(params)
             self.seen_conds.append(params.text_cond)
-            out = unet(torch.cat([x, x]), None, context=torch.cat([params.text_cond, uncond]))
+            out = unet(torch.cat([x, x]), None, context=torch.cat([params.text_cond, params.text_uncond]))
             x = x - 0.1 * out[:len(prompts)]
             denoiser.step += 1
         return x

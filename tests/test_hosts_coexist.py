@@ -236,3 +236,86 @@ def test_hypertile_on_the_hires_pass_only_and_never_run_is_refused(host):
     pipeline.before_process(p, args_for(story="a fox\nruns\nsleeps", preset="StoryDiffusion"))
     with pytest.raises(RuntimeError, match=r"Hypertile \(UNet, hires pass\)"):
         p.run_batches(pipeline.on_cfg_denoiser)
+
+
+class ControlParams:
+    """sd-webui-controlnet's ``ControlParams``: ``hint_cond`` behind a setter (other extensions may change it)."""
+
+    def __init__(self, hint, hr_hint=None):
+        self._hint_cond, self.hr_hint_cond, self.sets = hint, hr_hint, 0
+
+    @property
+    def hint_cond(self):
+        return self._hint_cond
+
+    @hint_cond.setter
+    def hint_cond(self, value):
+        self._hint_cond, self.sets = value, self.sets + 1
+
+
+def with_controlnet(p, *params):
+    network = types.SimpleNamespace(control_params=list(params))
+    p.scripts = types.SimpleNamespace(alwayson_scripts=[types.SimpleNamespace(title=lambda: "ControlNet",
+                                                                              latest_network=network)])
+    return p
+
+
+def watching(pipeline, params, seen):
+    def on_cfg_denoiser(step):
+        seen.append([param.hint_cond[:, 0, 0, 0].tolist() for param in params])
+        pipeline.on_cfg_denoiser(step)
+    return on_cfg_denoiser
+
+
+@pytest.mark.parametrize("batch_cond_uncond", [True, False])
+def test_per_frame_control_images_follow_the_story_across_batches(host, batch_cond_uncond):
+    pipeline, model, mods = host
+    mods["modules.shared"].opts.data.update(batch_cond_uncond=batch_cond_uncond)
+    frames = torch.arange(5.0)[:, None, None, None].expand(5, 3, 4, 4)  # control image i is all i
+    if batch_cond_uncond:  # stacked for the cond rows, then for the uncond rows
+        frames = torch.cat([frames, frames])
+    single = torch.full((1, 3, 4, 4), 9.0)
+    per_frame, one = ControlParams(frames.clone(), frames.clone() + 10), ControlParams(single)
+    p = with_controlnet(ToyProcessing(model), per_frame, one)
+    story = "a fox\n" + "\n".join(f"scene {i}" for i in range(5))
+    pipeline.before_process(p, args_for(story=story, preset="StoryDiffusion", frames_per_batch=2))
+    seen = []
+    p.run_batches(watching(pipeline, [per_frame, one], seen))
+    steps = p.steps
+    copies = 2 if batch_cond_uncond else 1
+    assert [seen[b * steps][0] for b in range(3)] == [[0.0, 1.0] * copies, [2.0, 3.0] * copies, [4.0] * copies]
+    assert all(s[1] == [9.0] for s in seen) and one.sets == 0  # one image: every frame, untouched
+    assert per_frame.hr_hint_cond[:, 0, 0, 0].tolist() == [14.0] * copies  # the hires hints follow the same frames
+    p.close()
+    assert torch.equal(per_frame.hint_cond, frames) and per_frame.hr_hint_cond.shape[0] == 5 * copies  # theirs
+
+
+def test_control_images_that_are_not_one_per_frame_are_refused(host):
+    pipeline, model, _ = host
+    p = with_controlnet(ToyProcessing(model), ControlParams(torch.zeros(4, 3, 4, 4)))  # 2 images, stacked twice
+    pipeline.before_process(p, args_for(story="a fox\nruns\nsleeps\nsits", preset="StoryDiffusion"))
+    with pytest.raises(RuntimeError, match="ControlNet unit 1 \\(of those enabled\\) has 2 control images for a "
+                                           "story of 3 frames"):
+        p.run_batches(pipeline.on_cfg_denoiser)
+    assert not p.seen_conds and module_state(model.model.diffusion_model) == ([], 0)
+
+
+def test_controlnets_cond_mark_stays_first_in_the_swapped_conditioning(host):
+    """sd-webui-controlnet prepends a ±1024 token to every cond to tell cond rows from uncond rows (hook.py); the
+    1Prompt1Story contexts swapped in each step keep it, and the rest is the consolidated contexts."""
+    pipeline, model, _ = host
+    p = ToyProcessing(model)
+    pipeline.before_process(p, args_for(story="a fox\nruns\nsleeps"))
+
+    def marked(step):
+        step.text_cond = torch.cat([torch.full_like(step.text_cond[:, :1], 1024.0), step.text_cond], dim=1)
+        step.text_uncond = torch.cat([torch.full_like(step.text_uncond[:, :1], -1024.0), step.text_uncond], dim=1)
+        pipeline.on_cfg_denoiser(step)
+    p.run_batches(marked)
+    expected = torch.stack(getattr(p, pipeline.RUN_ATTRIBUTE).conditioning.contexts([0, 1]))
+    for cond in p.seen_conds:
+        assert torch.equal(cond[:, 0], torch.full_like(cond[:, 0], 1024.0)) and torch.equal(cond[:, 1:], expected)
+    unmarked = ToyProcessing(model)
+    pipeline.before_process(unmarked, args_for(story="a fox\nruns\nsleeps"))
+    unmarked.run_batches(pipeline.on_cfg_denoiser)
+    assert all(torch.equal(cond, expected) for cond in unmarked.seen_conds)

@@ -9,6 +9,11 @@
 - Any other extension that changes the frames' prompts, seeds or batches after ``before_process`` is caught at
   the first ``p.sample`` (the host's ``setup_prompts`` and every ``process`` hook have run by then).
 - Extra networks (LoRA…) activate per batch from the batch's first prompt; see ``check_batch_networks``.
+- sd-webui-controlnet (A1111) marks every cond with a first context token of ±1024 (``hook.py``
+  ``mark_prompt_context``, in its ``p.sample`` wrapper) and strips it in its UNet forward to tell cond rows from
+  uncond rows; a context swapped in per step keeps that token (``split_controlnet_mark``). Per-image control inputs
+  cover one batch in that extension: a story's per-frame inputs are handed to each batch in turn
+  (``controlnet_batch_inputs``).
 - Hypertile (A1111's built-in ``extensions-builtin/hypertile``) wraps attn1 ``forward``s once and for good and
   turns each on per job (``process``; again in ``before_hr``) for the layers of depth <= its max depth; a tiled
   layer cannot take a story's extended keys, any other layer composes (our hook calls its wrapper).
@@ -17,6 +22,8 @@ from __future__ import annotations
 
 import re
 from typing import Sequence
+
+import torch
 
 from modules import shared
 
@@ -27,6 +34,7 @@ from ..story_run import StoryRunPlan, check_batch_networks, extra_networks_of, f
 
 PER_IMAGE_NETWORKS = ("oneactor",)  # OneActor acts on each image's own cond rows, not on the model's weights
 DYNAMIC_PROMPTS_TITLE = "Dynamic Prompts"
+CONTROLNET_MARK = 1024.0  # sd-webui-controlnet hook.py POSITIVE_MARK_TOKEN (negative rows: -1024)
 HYPERTILE_PARAMS = "__webui_hypertile_params"  # Hypertile's per-layer settings, on each attn1 it wraps
 
 
@@ -142,3 +150,65 @@ def hypertile_refusal(p, unet, layers: str) -> str | None:
                     f"shares (layers '{layers}'); set Hypertile's max depth below {depth}, share other layers, or "
                     f"turn Hypertile off")
     return None
+
+
+def split_controlnet_mark(context: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(mark, context)``: the cond/uncond marker token sd-webui-controlnet put first in ``context`` ([B, T, D];
+    mark [B, 1, D]) and the context without it; ``(None, context)`` when it carries none."""
+    if context.ndim == 3 and context.shape[1] > 1 and \
+            float((context[:, 0].abs() - CONTROLNET_MARK).abs().float().mean()) < 1e-3:
+        return context[:, :1], context[:, 1:]
+    return None, context
+
+
+def with_controlnet_mark(mark: torch.Tensor | None, context: torch.Tensor) -> torch.Tensor:
+    return context if mark is None else torch.cat([mark.to(context.device, context.dtype), context], dim=1)
+
+
+def _alwayson(p, title: str):
+    """The always-on script of this job whose title is ``title``, or None."""
+    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []:
+        try:
+            if script.title() == title:
+                return script
+        except Exception:
+            continue
+    return None
+
+
+def controlnet_batch_inputs(p, plan: StoryRunPlan, saved: dict) -> None:
+    """sd-webui-controlnet (A1111), from each ``p.sample``: hand this batch its frames' control inputs.
+
+    Its ``process`` builds each unit's ``ControlParams.hint_cond`` once per job: [1, C, H, W] for one image; for
+    per-image inputs (``batch_images``) [N, ...], stacked twice ([inputs ; inputs], the cond then the uncond rows)
+    with ``batch_cond_uncond``; row i of every batch takes input i. The ``hint_cond`` setter is its way for other
+    extensions to change a hint. A unit with per-image inputs needs one per frame (story order); each batch gets its
+    frames' rows (``hr_hint_cond`` too). ``saved``: id -> (param, hint, hires hint) as its ``process`` built them.
+    """
+    network = getattr(_alwayson(p, "ControlNet"), "latest_network", None)
+    stacked = 2 if shared.opts.data.get("batch_cond_uncond", True) else 1
+    for index, param in enumerate(getattr(network, "control_params", None) or []):
+        if id(param) not in saved:
+            saved[id(param)] = (param, param.hint_cond, getattr(param, "hr_hint_cond", None))
+        _, hint, hr_hint = saved[id(param)]
+        rows = hint.shape[0] if isinstance(hint, torch.Tensor) and hint.ndim == 4 else 1
+        if rows == 1:
+            continue
+        if rows != stacked * plan.frame_count:
+            raise ValueError(f"ControlNet unit {index + 1} (of those enabled) has {rows // stacked} control images for "
+                             f"a story of {plan.frame_count} frames; give it one per frame, in story order, or one "
+                             f"image for every frame")
+        frames = plan.batch_frames(p.iteration)
+        take = torch.tensor([copy * plan.frame_count + f for copy in range(stacked) for f in frames])
+        param.hint_cond = hint[take.to(hint.device)]
+        if isinstance(hr_hint, torch.Tensor) and hr_hint.ndim == 4 and hr_hint.shape[0] == rows:
+            param.hr_hint_cond = hr_hint[take.to(hr_hint.device)]
+
+
+def restore_controlnet_inputs(saved: dict) -> None:
+    """Give ControlNet's units back the hints its ``process`` built (end of the job)."""
+    for param, hint, hr_hint in saved.values():
+        param.hint_cond = hint
+        if hr_hint is not None:
+            param.hr_hint_cond = hr_hint
+    saved.clear()

@@ -35,7 +35,8 @@ from ..story_run import FrameConditioning, StoryRunPlan, plan_consolidation, pla
 from ..story_sync import StorySyncState
 from ..storysync_hooks import install_storysync_hooks
 from ..token_plan import verify_token_plan
-from .coexist import batch_networks, check_host_prompts, hypertile_refusal, keep_dynamic_prompts_off
+from .coexist import (batch_networks, check_host_prompts, controlnet_batch_inputs, hypertile_refusal,
+                      keep_dynamic_prompts_off, restore_controlnet_inputs, split_controlnet_mark, with_controlnet_mark)
 from .forge import is_forge, patch_unet
 from .prepass import run_vanilla_prepass, wants_prepass
 from .storysync import mask_images, storysync_state
@@ -58,6 +59,7 @@ class StoryGeneration:
         self.conditionings: dict[tuple[str, ...], tuple[FrameConditioning, dict[str, torch.Tensor]]] = {}
         self.pooled: dict[str, torch.Tensor] = {}  # SDXL pooled vector per text, of this batch's conditioning
         self.checked = False
+        self.controlnet_hints: dict = {}  # A1111 ControlNet units' own hints, while batches get their slices
         self.batch_contexts: torch.Tensor | None = None  # [B, 77, D] of the batch being sampled
         self.batch_pooled: torch.Tensor | None = None
         self.csa: ConsistencyState | None = None
@@ -192,6 +194,8 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
                 raise generation.error from None
         try:
             try:
+                if not is_forge(p):
+                    controlnet_batch_inputs(p, generation.plan, generation.controlnet_hints)
                 install(p, generation)  # inside the outer try: a half-done install is undone too
             except Exception as error:
                 raise RuntimeError(_message(error)) from error
@@ -205,6 +209,7 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
     def close():
         try:
             uninstall(p, generation)
+            restore_controlnet_inputs(generation.controlnet_hints)
             for state in (generation.csa, generation.storysync):
                 if state is not None:
                     state.close()
@@ -339,13 +344,15 @@ def on_cfg_denoiser(params) -> None:
         contexts = generation.batch_contexts
         if isinstance(cond, dict):  # SDXL DictWithShape: change keys in place, keep the instance
             reference = cond["crossattn"]
-            cond["crossattn"] = contexts.to(reference.device, reference.dtype)
+            mark, _ = split_controlnet_mark(reference)  # ControlNet's cond/uncond token stays first
+            cond["crossattn"] = with_controlnet_mark(mark, contexts.to(reference.device, reference.dtype))
             if generation.batch_pooled is not None:
                 vector = cond["vector"]
                 pooled = generation.batch_pooled.to(vector.device, vector.dtype)
                 cond["vector"] = torch.cat([pooled, vector[:, SDXL_POOLED_WIDTH:]], dim=1)
         else:
-            params.text_cond = contexts.to(cond.device, cond.dtype)
+            mark, _ = split_controlnet_mark(cond)
+            params.text_cond = with_controlnet_mark(mark, contexts.to(cond.device, cond.dtype))
     generation.cursor.start_step(a1111_step_plan([1] * batch, p.iteration * generation.plan.batch_size))
     if _uncond_skipped(params):
         generation.cursor.drop_uncond()

@@ -323,6 +323,11 @@ def pixels(body: dict, index: int = 0) -> bytes:
     return Image.open(io.BytesIO(image_bytes(body, index))).convert("RGB").tobytes()
 
 
+def difference(a: bytes, b: bytes) -> float:
+    """Mean absolute difference of two images' pixel bytes (0-255 scale)."""
+    return sum(abs(x - y) for x, y in zip(a, b)) / len(a)
+
+
 def test_each_frame_gets_the_loras_its_own_prompt_names():
     """A LoRA in a description acts on that character's frames only (one frame per batch), one in the style on
     every frame; a LoRA at weight 0 changes nothing (its tag never reaches the text encoder as words)."""
@@ -399,3 +404,89 @@ def test_hypertile_composes_on_layers_the_story_does_not_share():
     finally:
         call("/sdapi/v1/options", keep)
     assert [pixels(txt2img(csa), i) for i in range(3)] == [pixels(alone, i) for i in range(3)]
+
+
+# --- ControlNet: sd-webui-controlnet on A1111, the built-in one on Forge --------------------------------------------
+
+def control_image(seed: int, size: int = 64) -> str:
+    """A random RGB control image, base64 PNG (a random ControlNet turns any image into residuals)."""
+    import random
+    from PIL import Image
+    rng = random.Random(seed)
+    image = Image.frombytes("RGB", (size, size), bytes(rng.randrange(256) for _ in range(size * size * 3)))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def controlnet_model() -> str:
+    """``CONSISTENT_STORY_CONTROLNET``: a ControlNet model title the WebUI lists, made for the loaded checkpoint."""
+    wanted = os.environ.get("CONSISTENT_STORY_CONTROLNET", "")
+    status, body = call("/controlnet/model_list")
+    if not wanted or status != 200 or wanted not in body.get("model_list", []):
+        pytest.skip("set CONSISTENT_STORY_CONTROLNET to a ControlNet model (for the loaded checkpoint) the WebUI lists")
+    return wanted
+
+
+def is_forge() -> bool:
+    return "forge_preset" in call("/sdapi/v1/options")[1]
+
+
+def with_controlnet(args: list | None, *units: dict, **fields) -> dict:
+    scripts = {"ControlNet": {"args": list(units)}}
+    if args is not None:
+        scripts["consistent story"] = {"args": args}
+    return txt2img(alwayson_scripts=scripts, override_settings={"control_net_no_detectmap": True}, **fields)
+
+
+def unit(model: str, **fields) -> dict:
+    return {"enabled": True, "model": model, "weight": 1.0, **fields}
+
+
+def test_one_control_image_poses_every_frame_and_both_take_effect():
+    model = controlnet_model()
+    plain_before = image_bytes(txt2img())
+    image = unit(model, image=control_image(1))
+    for preset in ("1Prompt1Story", "StoryDiffusion"):
+        args = story_args(preset=preset, csa_layers="all", storyboard=False)
+        both = with_controlnet(args, image)
+        story_alone = txt2img(args)
+        control_alone = with_controlnet(None, image, prompt=both["info"]["all_prompts"][0])
+        assert len(both["images"]) == 3
+        assert all(pixels(both, i) != pixels(story_alone, i) for i in range(3))  # ControlNet's residuals act
+        assert pixels(both, 0) != pixels(control_alone, 0)  # and so do the story's hooks
+        assert [pixels(both, i) for i in range(3)] == [pixels(with_controlnet(args, image), i) for i in range(3)]
+    assert image_bytes(txt2img()) == plain_before
+
+
+def test_control_images_one_per_frame_in_story_order_across_batches(tmp_path):
+    """A1111 (batch input folder, one image per image of a batch): with 4 frames in batches of 2, frame k is the
+    image the same story makes with control image k for every frame (1Prompt1Story frames do not interact)."""
+    model = controlnet_model()
+    if is_forge():
+        pytest.skip("Forge's API does not take per-image ControlNet inputs (it ignores 'input_mode')")
+    story = "a small red fox\nruns\nsleeps\nsits\njumps"
+    for k in range(4):
+        (tmp_path / f"{k}.png").write_bytes(base64.b64decode(control_image(10 + k)))
+    args = story_args(story=story, frames_per_batch=2, storyboard=False)
+    per_frame = with_controlnet(args, unit(model, animatediff_batch=True, batch_images=str(tmp_path)))
+    assert len(per_frame["images"]) == 4
+    alone = [with_controlnet(args, unit(model, image=control_image(10 + k))) for k in range(4)]
+    for k in range(4):  # nearest to the run with its own image (batched kernels round a little differently)
+        distances = [difference(pixels(per_frame, k), pixels(run, k)) for run in alone]
+        assert distances.index(min(distances)) == k and distances[k] < 0.5, (k, distances)
+    (tmp_path / "4.png").write_bytes(base64.b64decode(control_image(99)))
+    status, body = call("/sdapi/v1/txt2img", {**BASE, "alwayson_scripts": {"consistent story": {"args": args},
+        "ControlNet": {"args": [unit(model, animatediff_batch=True, batch_images=str(tmp_path))]}}})
+    assert status >= 400 and "has 5 control images for a story of 4 frames" in json.dumps(body), body
+
+
+def test_controlnet_with_hires_fix_keeps_the_story():
+    model = controlnet_model()
+    body = with_controlnet(story_args(preset="Combined", csa_layers="all", storyboard=False),
+                           unit(model, image=control_image(2)), enable_hr=True, hr_scale=2, hr_upscaler="Latent",
+                           hr_second_pass_steps=2, denoising_strength=0.6, hr_additional_modules=["Use same choices"])
+    assert len(body["images"]) == 3
+    png = image_bytes(body)
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (128, 128)
+    assert "Story Preset: Combined" in body["info"]["infotexts"][0]

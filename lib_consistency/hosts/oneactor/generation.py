@@ -27,6 +27,7 @@ from ...oneactor.character_file import ARCH_WIDTHS as ARCH_WIDTH, CharacterFileE
     load_character
 from ...oneactor.inference import CharacterUse, OneActorBatch, OneActorPromptError, base_word_positions
 from ...settings import Settings, SettingsError, infotext_key
+from ..coexist import split_controlnet_mark, with_controlnet_mark
 from ..tokenizers import clip_engine, token_items
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ def on_cfg_denoiser(params) -> None:
     if batch is None or not batch.active(int(params.sampling_step), int(params.total_sampling_steps)):
         return
     cond = params.text_cond
-    context = cond["crossattn"] if isinstance(cond, dict) else cond
+    mark, context = split_controlnet_mark(cond["crossattn"] if isinstance(cond, dict) else cond)
     if context.shape[0] != len(batch.images):
         log.warning("OneActor: %d cond rows for %d images ('AND' prompt?); characters not applied this step",
                     context.shape[0], len(batch.images))
@@ -229,7 +230,7 @@ def on_cfg_denoiser(params) -> None:
                                else None, x=params.x[:rows], sigma=params.sigma[:rows],
                                image_cond=params.image_cond[:rows] if params.image_cond is not None else None,
                                denoiser=params.denoiser)
-        target = batch.target_context(context)
+        target = with_controlnet_mark(mark, batch.target_context(context))
     if isinstance(cond, dict):  # SDXL DictWithShape: change the key in place, keep the instance
         cond["crossattn"] = target
     else:
