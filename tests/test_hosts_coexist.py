@@ -319,3 +319,28 @@ def test_controlnets_cond_mark_stays_first_in_the_swapped_conditioning(host):
     pipeline.before_process(unmarked, args_for(story="a fox\nruns\nsleeps"))
     unmarked.run_batches(pipeline.on_cfg_denoiser)
     assert all(torch.equal(cond, expected) for cond in unmarked.seen_conds)
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+def test_forge_controlnet_per_image_inputs_in_a_story_of_several_batches_are_refused(host, per_image):
+    """Forge's built-in ControlNet aligns a unit's inputs to the rows of a batch (``control_cond`` [B, ...]) and
+    starts again in every batch; one image gives identical rows and poses every frame."""
+    pipeline, model, _ = host
+    model.forge_objects = types.SimpleNamespace()  # what makes the adapter take the Forge path
+    cond = torch.arange(2.0)[:, None, None, None].expand(2, 3, 4, 4) if per_image else torch.ones(2, 3, 4, 4)
+    script = types.SimpleNamespace(title=lambda: "ControlNet",
+                                   current_params={0: types.SimpleNamespace(control_cond=cond)})
+    p = ToyProcessing(model)
+    p.scripts = types.SimpleNamespace(alwayson_scripts=[script])
+    pipeline.before_process(p, args_for(story="a fox\nruns\nsleeps\nsits", frames_per_batch=2))
+    if per_image:
+        with pytest.raises(RuntimeError, match="Forge's ControlNet starts again at its first image in every batch"):
+            p.run_batches(pipeline.on_cfg_denoiser)
+        assert not p.seen_conds
+    else:
+        p.run_batches(pipeline.on_cfg_denoiser)
+        assert len(p.seen_conds) == 2 * p.steps
+    one_batch = ToyProcessing(model)
+    one_batch.scripts = p.scripts
+    pipeline.before_process(one_batch, args_for(story="a fox\nruns\nsleeps"))
+    one_batch.run_batches(pipeline.on_cfg_denoiser)  # one batch: row i takes input i, as the frames do

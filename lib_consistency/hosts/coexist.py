@@ -205,6 +205,20 @@ def controlnet_batch_inputs(p, plan: StoryRunPlan, saved: dict) -> None:
             param.hr_hint_cond = hr_hint[take.to(hr_hint.device)]
 
 
+def forge_controlnet_inputs(p, plan: StoryRunPlan) -> None:
+    """Forge's built-in ControlNet, from the first ``p.sample``: its ``process`` lays a unit's inputs on the rows of a
+    batch (row i takes input i mod N) and every batch starts again at input 0, so per-image inputs cannot follow a
+    story of several batches: refused. One image (every row the same) poses every frame."""
+    if plan.batch_count == 1:
+        return
+    for index, params in sorted((getattr(_alwayson(p, "ControlNet"), "current_params", None) or {}).items()):
+        cond = getattr(params, "control_cond", None)
+        if isinstance(cond, torch.Tensor) and cond.ndim == 4 and not bool((cond == cond[:1]).all()):
+            raise ValueError(f"ControlNet unit {index + 1} (of those enabled) has one control image per image of a "
+                             f"batch, and Forge's ControlNet starts again at its first image in every batch; put the "
+                             f"story in one batch ('Frames per batch' 0) or give the unit one image")
+
+
 def restore_controlnet_inputs(saved: dict) -> None:
     """Give ControlNet's units back the hints its ``process`` built (end of the job)."""
     for param, hint, hr_hint in saved.values():

@@ -35,8 +35,9 @@ from ..story_run import FrameConditioning, StoryRunPlan, plan_consolidation, pla
 from ..story_sync import StorySyncState
 from ..storysync_hooks import install_storysync_hooks
 from ..token_plan import verify_token_plan
-from .coexist import (batch_networks, check_host_prompts, controlnet_batch_inputs, hypertile_refusal,
-                      keep_dynamic_prompts_off, restore_controlnet_inputs, split_controlnet_mark, with_controlnet_mark)
+from .coexist import (batch_networks, check_host_prompts, controlnet_batch_inputs, forge_controlnet_inputs,
+                      hypertile_refusal, keep_dynamic_prompts_off, restore_controlnet_inputs, split_controlnet_mark,
+                      with_controlnet_mark)
 from .forge import is_forge, patch_unet
 from .prepass import run_vanilla_prepass, wants_prepass
 from .storysync import mask_images, storysync_state
@@ -189,6 +190,8 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
             generation.checked = True
             try:
                 check_host_prompts(p, generation.plan, generation.settings.consolidate)
+                if is_forge(p):
+                    forge_controlnet_inputs(p, generation.plan)
             except ValueError as error:
                 generation.error = RuntimeError(_message(error))
                 raise generation.error from None
