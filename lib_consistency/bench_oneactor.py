@@ -89,6 +89,17 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def random_unet(arch: str, device: torch.device, dtype: torch.dtype, latent_side: int | None = None,
+                unet_config: dict | None = None) -> tuple[torch.nn.Module, dict, int]:
+    """A randomly initialised diffusers UNet of ``arch`` (or ``unet_config``), frozen in ``dtype`` on ``device``,
+    with its configuration and the latent side to bench at."""
+    config = dict(UNET_CONFIGS[arch] if unet_config is None else unet_config)
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = _diffusers().UNet2DConditionModel(**config)
+    return unet.to(dtype).eval().requires_grad_(False), config, latent_side or LATENT_SIDES[arch]
+
+
 def added_conditioning(config: dict, rows: int, size: float, generator: torch.Generator, device: torch.device,
                        dtype: torch.dtype) -> dict | None:
     """SDXL's ``added_cond_kwargs`` for ``rows`` rows (random pooled text embeddings, a ``size``² image without
@@ -139,7 +150,6 @@ def run_tuning_bench(arch: str, device: torch.device | str, dtype: torch.dtype, 
                      print_fn: Callable[[str], None] = print) -> TuningBench:
     """Time ``warmup + steps_to_time`` tuning steps; ``unet_config`` / ``projector_spec`` replace the real ones
     (tests use tiny ones). Returns the figures and prints two lines."""
-    diffusers = _diffusers()
     if arch not in UNET_CONFIGS:
         raise ValueError(f"run_tuning_bench arch: expected one of {sorted(UNET_CONFIGS)}, got {arch!r}")
     if steps_to_time < 1 or warmup < 0:
@@ -150,11 +160,7 @@ def run_tuning_bench(arch: str, device: torch.device | str, dtype: torch.dtype, 
     if spec.width != config["cross_attention_dim"]:
         raise ValueError(f"run_tuning_bench projector_spec.width: must equal the UNet's cross_attention_dim "
                          f"{config['cross_attention_dim']}, got {spec.width}")
-    side = latent_side or LATENT_SIDES[arch]
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = diffusers.UNet2DConditionModel(**config)
-    unet = unet.to(dtype).eval().requires_grad_(False)
+    unet, config, side = random_unet(arch, device, dtype, latent_side, unet_config)
     unet.enable_gradient_checkpointing()
     projector = build_projector(spec, seed=0).to(device)
     generator = torch.Generator().manual_seed(2)
@@ -205,14 +211,8 @@ def run_inference_bench(arch: str, device: torch.device | str, dtype: torch.dtyp
     offset, and the generation-time ratios for η2 = 0 and η2 > 0 over a ``window`` fraction of the steps."""
     from .oneactor.inference import CharacterUse, OneActorBatch
 
-    diffusers = _diffusers()
     device = torch.device(device)
-    config = dict(UNET_CONFIGS[arch] if unet_config is None else unet_config)
-    side = latent_side or LATENT_SIDES[arch]
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = diffusers.UNet2DConditionModel(**config)
-    unet = unet.to(dtype).eval().requires_grad_(False)
+    unet, config, side = random_unet(arch, device, dtype, latent_side, unet_config)
     width = config["cross_attention_dim"]
     denoise = _frozen_denoiser(unet, config, dtype, device)
     use = CharacterUse("bench", torch.randn(width), torch.randn(width), 0.8, (BASE_TOKEN,))

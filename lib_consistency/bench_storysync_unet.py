@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from .attention_hooks import remove_hooks
-from .bench_oneactor import LATENT_SIDES, TOKENS, UNET_CONFIGS, _diffusers, added_conditioning, median_seconds
+from .bench_oneactor import TOKENS, added_conditioning, median_seconds, random_unet
 from .consistent_self_attention import LayerAddress
 from .row_layout import Role, RowLayout
 from .story_sync import StorySyncSettings, StorySyncState
@@ -67,14 +67,8 @@ def run(arch: str, device: torch.device | str, dtype: torch.dtype, frames: int =
         print_fn: Callable[[str], None] = print) -> dict[str, float]:
     """Print and return the plain and StorySync seconds per UNet call, their ratio and the FLOPs ratio
     (``unet_config`` replaces the real configuration, for tests)."""
-    diffusers = _diffusers()
     device = torch.device(device)
-    config = dict(UNET_CONFIGS[arch] if unet_config is None else unet_config)
-    side = latent_side or LATENT_SIDES[arch]
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = diffusers.UNet2DConditionModel(**config)
-    unet = unet.to(dtype).eval().requires_grad_(False)
+    unet, config, side = random_unet(arch, device, dtype, latent_side, unet_config)
     rows = 2 * frames
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(rows, config["in_channels"], side, side, generator=generator).to(device, dtype)
