@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from .consistent_self_attention import frames_share
 from .settings import Settings
-from .story_run import StoryRunPlan, plan_consolidation, plan_story_run, without_extra_networks
+from .story_run import (StoryRunPlan, plan_consolidation, plan_story_run, storysync_references,
+                        without_extra_networks)
 from .token_plan import Tokenizer
 
 
@@ -30,13 +31,6 @@ class FramePreview:
     shares_with: tuple[int, ...]     # frames whose self-attention tokens it receives
     tokens: int | None = None        # consolidation: tokens of its frame text
     window: tuple[int, ...] | None = None  # consolidation: frames in its consolidated prompt (its own first)
-
-
-def storysync_references(settings: Settings, plan: StoryRunPlan) -> tuple[int, ...] | None:
-    """StorySync's reference frames (``hosts/storysync.storysync_state``): None = every frame may be read."""
-    if settings.reference_frames:
-        return tuple(range(min(settings.reference_frames, plan.frame_count)))
-    return plan.reference_frames or None
 
 
 def sources(settings: Settings, plan: StoryRunPlan, frame: int) -> tuple[int, ...]:

@@ -74,6 +74,14 @@ def plan_story_run(settings: Settings, style: str, seed: int) -> StoryRunPlan:
     return StoryRunPlan(story, style, prompts, seeds, batch_size, batch_count, references)
 
 
+def storysync_references(settings: Settings, plan: StoryRunPlan) -> tuple[int, ...] | None:
+    """StorySync's reference frames: its own *Reference frames* count, else the plan's bank frames; None = every
+    frame may be read (methods.md §5, Eq. 13)."""
+    if settings.reference_frames:
+        return tuple(range(min(settings.reference_frames, plan.frame_count)))
+    return plan.reference_frames or None
+
+
 def style_of_expanded_prompt(story: Story, prompt: str) -> str | None:
     """The style ``prompt`` was built from when it is one of the story's own expanded frame prompts, else None.
 

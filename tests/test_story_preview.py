@@ -14,8 +14,8 @@ from lib_consistency.reference_bank import BankKey, ReferenceBank, read_extras
 from lib_consistency.row_layout import Role, a1111_step_plan
 from lib_consistency.settings import Settings
 from lib_consistency.story import StoryError
-from lib_consistency.story_preview import preview_story, storysync_references
-from lib_consistency.story_run import plan_story_run
+from lib_consistency.story_preview import preview_story
+from lib_consistency.story_run import plan_story_run, storysync_references
 from tests.conftest import tiny_clip_text_model
 from tests.fake_webui import ToyModel, ToyProcessing, install_stub_modules
 

@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -31,24 +31,34 @@ from ..attention_hooks import ldm_layer_address
 from ..consistent_self_attention import LayerPolicy, layer_is_selected
 from ..row_layout import TokenGrid
 from ..story_run import StoryRunPlan, check_batch_networks, extra_networks_of, frame_label
+from ..token_plan import CONTEXT_TOKENS
 
 PER_IMAGE_NETWORKS = ("oneactor",)  # OneActor acts on each image's own cond rows, not on the model's weights
 DYNAMIC_PROMPTS_TITLE = "Dynamic Prompts"
+CONTROLNET_TITLE = "ControlNet"  # sd-webui-controlnet's and Forge's built-in script
 CONTROLNET_MARK = 1024.0  # sd-webui-controlnet hook.py POSITIVE_MARK_TOKEN (negative rows: -1024)
 HYPERTILE_PARAMS = "__webui_hypertile_params"  # Hypertile's per-layer settings, on each attn1 it wraps
 
 
 def _dynamic_prompts(p):
-    """Dynamic Prompts' script when it is installed and enabled for this job, else None."""
-    runner = getattr(p, "scripts", None)
+    """Dynamic Prompts' script when it is installed and enabled for this job (its title carries its version), else
+    None."""
+    script = _alwayson(p, lambda title: title.startswith(DYNAMIC_PROMPTS_TITLE))
     args = getattr(p, "script_args", None)
-    for script in getattr(runner, "alwayson_scripts", []) if args is not None else []:
+    if script is None or args is None or script.args_from >= len(args):
+        return None
+    return script if args[script.args_from] else None
+
+
+def _alwayson(p, matches: Callable[[str], bool]):
+    """The first always-on script of this job whose title ``matches``, or None."""
+    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []:
         try:
             title = script.title()
         except Exception:
             continue
-        if isinstance(title, str) and title.startswith(DYNAMIC_PROMPTS_TITLE) and script.args_from < len(args):
-            return script if args[script.args_from] else None
+        if isinstance(title, str) and matches(title):
+            return script
     return None
 
 
@@ -90,10 +100,10 @@ def check_host_prompts(p, plan: StoryRunPlan, consolidate: bool) -> None:
     if all_prompts is None:
         return
     expected = _styled(p, plan.frame_prompts)
+    hires = getattr(p, "all_hr_prompts", None) if getattr(p, "enable_hr", False) else None
     changed = [name for name, now, wanted in (
         ("prompts", list(all_prompts), expected),
-        ("hires prompts", list(getattr(p, "all_hr_prompts", None) or expected) if getattr(p, "enable_hr", False)
-         else expected, expected),
+        ("hires prompts", list(hires or expected), expected),
         ("seeds", [int(s) for s in getattr(p, "all_seeds", plan.seeds)], list(plan.seeds)),
         ("batches", [p.batch_size, p.n_iter], [plan.batch_size, plan.batch_count])) if now != wanted]
     if changed:
@@ -155,25 +165,14 @@ def hypertile_refusal(p, unet, layers: str) -> str | None:
 def split_controlnet_mark(context: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``(mark, context)``: the cond/uncond marker token sd-webui-controlnet put first in ``context`` ([B, T, D];
     mark [B, 1, D]) and the context without it; ``(None, context)`` when it carries none."""
-    if context.ndim == 3 and context.shape[1] > 1 and \
-            float((context[:, 0].abs() - CONTROLNET_MARK).abs().float().mean()) < 1e-3:
+    if context.ndim == 3 and context.shape[1] % CONTEXT_TOKENS == 1 and \
+            float((context[:, 0].abs() - CONTROLNET_MARK).abs().float().mean()) < 1e-3:  # read on the host: once a step
         return context[:, :1], context[:, 1:]
     return None, context
 
 
 def with_controlnet_mark(mark: torch.Tensor | None, context: torch.Tensor) -> torch.Tensor:
     return context if mark is None else torch.cat([mark.to(context.device, context.dtype), context], dim=1)
-
-
-def _alwayson(p, title: str):
-    """The always-on script of this job whose title is ``title``, or None."""
-    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", None) or []:
-        try:
-            if script.title() == title:
-                return script
-        except Exception:
-            continue
-    return None
 
 
 def controlnet_batch_inputs(p, plan: StoryRunPlan, saved: dict) -> None:
@@ -185,7 +184,7 @@ def controlnet_batch_inputs(p, plan: StoryRunPlan, saved: dict) -> None:
     extensions to change a hint. A unit with per-image inputs needs one per frame (story order); each batch gets its
     frames' rows (``hr_hint_cond`` too). ``saved``: id -> (param, hint, hires hint) as its ``process`` built them.
     """
-    network = getattr(_alwayson(p, "ControlNet"), "latest_network", None)
+    network = getattr(_alwayson(p, CONTROLNET_TITLE.__eq__), "latest_network", None)
     stacked = 2 if shared.opts.data.get("batch_cond_uncond", True) else 1
     for index, param in enumerate(getattr(network, "control_params", None) or []):
         if id(param) not in saved:
@@ -211,7 +210,7 @@ def forge_controlnet_inputs(p, plan: StoryRunPlan) -> None:
     story of several batches: refused. One image (every row the same) poses every frame."""
     if plan.batch_count == 1:
         return
-    for index, params in sorted((getattr(_alwayson(p, "ControlNet"), "current_params", None) or {}).items()):
+    for index, params in sorted((getattr(_alwayson(p, CONTROLNET_TITLE.__eq__), "current_params", None) or {}).items()):
         cond = getattr(params, "control_cond", None)
         if isinstance(cond, torch.Tensor) and cond.ndim == 4 and not bool((cond == cond[:1]).all()):
             raise ValueError(f"ControlNet unit {index + 1} (of those enabled) has one control image per image of a "

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from modules import devices, extra_networks, images, processing, prompt_parser, sd_unet, shared
+from modules import images, processing, sd_unet, shared
 
 from ..attention_hooks import BankMode, ConsistencyState, install_hooks, ldm_layer_address, remove_stale_hooks
 from ..consistent_self_attention import CsaSettings, StepKey
@@ -31,22 +31,20 @@ from ..identity_attention_hook import IdentityAttentionState, install_identity_h
 from ..reference_bank import ReferenceBank
 from ..row_layout import UNKNOWN_LAYOUT, A1111RowCursor, a1111_step_plan
 from ..settings import Settings
-from ..story_run import FrameConditioning, StoryRunPlan, plan_consolidation, plan_story_run
+from ..story_run import FrameConditioning, StoryRunPlan, plan_story_run
 from ..story_sync import StorySyncState
 from ..storysync_hooks import install_storysync_hooks
-from ..token_plan import verify_token_plan
-from .coexist import (batch_networks, check_host_prompts, controlnet_batch_inputs, forge_controlnet_inputs,
+from .coexist import (check_host_prompts, controlnet_batch_inputs, forge_controlnet_inputs,
                       hypertile_refusal, keep_dynamic_prompts_off, restore_controlnet_inputs, split_controlnet_mark,
                       with_controlnet_mark)
+from .conditioning import SDXL_POOLED_WIDTH, batch_conditioning
 from .forge import is_forge, patch_unet
 from .prepass import run_vanilla_prepass, wants_prepass
 from .storysync import mask_images, storysync_state
-from .tokenizers import required_tokenizers
-from .ui import SPANS_INFOTEXT_KEY, STYLE_INFOTEXT_KEY
+from .ui import STYLE_INFOTEXT_KEY
 from .xyz import OVERRIDES_ATTR
 
 RUN_ATTRIBUTE = "consistent_story_generation"
-SDXL_POOLED_WIDTH = 1280  # 'vector' = bigG pooled (1280) + six 256-d size embeddings
 _AND = re.compile(r"\bAND\b")
 
 
@@ -222,57 +220,13 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
     p.sample, p.close = sample, close
 
 
-def _unet_dtype() -> torch.dtype:
-    """The dtype the UNet computes in (``devices.dtype_unet`` on both hosts); fp8 weights compute in float16."""
-    dtype = getattr(devices, "dtype_unet", torch.float32)
-    return dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float16
-
-
-def _plan_conditioning(p, generation: StoryGeneration) -> FrameConditioning:
-    """This batch's 1P1S conditioning. Once per generation: token plan counted with the host's CLIP-L tokenizer,
-    spans verified with every CLIP tokenizer of the model (methods.md §2.8 step A2) and recorded in the infotext.
-    Once per set of extra networks (activated by the host before this ``p.sample``; a LoRA may change the text
-    encoder): every frame encoded."""
-    settings, plan = generation.settings, generation.plan
-    networks = batch_networks(p, plan)
-    if networks not in generation.conditionings:
-        if generation.conditioning is None:
-            tokenizers = required_tokenizers(p.sd_model, "1Prompt1Story cannot count its tokens")
-            style_text, _ = extra_networks.parse_prompt(plan.style)  # <lora:...> tags are not prompt text
-            token_plan = plan_consolidation(settings, plan.story, style_text, tokenizers[0][1])
-            for name, tokenize in tokenizers:
-                verify_token_plan(token_plan, tokenize, name)
-            p.extra_generation_params[SPANS_INFOTEXT_KEY] = token_plan.spans_line()
-        else:
-            token_plan = generation.conditioning.token_plan
-        pooled: dict[str, torch.Tensor] = {}
-        conditioning = FrameConditioning(settings, token_plan, _encoder(p, pooled), _unet_dtype())
-        conditioning.contexts(range(plan.frame_count))  # one encoder call per set of networks
-        generation.conditionings[networks] = conditioning, pooled
-    conditioning, generation.pooled = generation.conditionings[networks]
-    return conditioning
-
-
-def _encoder(p, pooled: dict[str, torch.Tensor]):
-    def encode(texts: Sequence[str]) -> list[torch.Tensor]:
-        conditioning = prompt_parser.SdConditioning(list(texts), width=p.width, height=p.height)
-        with devices.autocast(), torch.no_grad():
-            encoded = p.sd_model.get_learned_conditioning(conditioning)
-        if isinstance(encoded, dict):
-            for text, vector in zip(texts, encoded["vector"]):
-                pooled[text] = vector[:SDXL_POOLED_WIDTH]
-            encoded = encoded["crossattn"]
-        return list(encoded)
-    return encode
-
-
 def install(p, generation: StoryGeneration) -> None:
     """Build this batch's conditioning and install the hooks (called at the start of every ``p.sample``)."""
     settings, plan = generation.settings, generation.plan
     frames = list(plan.batch_frames(p.iteration))
     forge = is_forge(p)
     if settings.consolidate:
-        generation.conditioning = _plan_conditioning(p, generation)
+        generation.conditioning = batch_conditioning(p, generation)
         generation.batch_contexts = torch.stack(generation.conditioning.contexts(frames))
         if generation.pooled:
             token_plan = generation.conditioning.token_plan

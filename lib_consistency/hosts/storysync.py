@@ -9,7 +9,7 @@ from modules import extra_networks
 from ..consistent_self_attention import LayerPolicy, Schedule
 from ..reference_bank import ReferenceBank
 from ..settings import Settings
-from ..story_run import StoryRunPlan
+from ..story_run import StoryRunPlan, storysync_references
 from ..story_sync import StorySyncSettings, StorySyncState
 from ..subject_tokens import consolidated_identity_pieces, frame_prompt_pieces, story_subjects, subject_positions
 from .storyboard import mask_overlay
@@ -32,8 +32,7 @@ def storysync_state(p, settings: Settings, plan: StoryRunPlan) -> StorySyncState
         for f in groups:
             found = subject_positions(frame_prompt_pieces(story, f, style_text), tokenize, subjects)
             columns[f] = {c: found[c] for c in sorted(groups[f]) if c in found}
-    references = tuple(range(min(settings.reference_frames, plan.frame_count))) if settings.reference_frames \
-        else (plan.reference_frames or None)
+    references = storysync_references(settings, plan)
     storysync = StorySyncSettings(settings.mask_dropout, settings.share_dropout, settings.rfh_strength,
                                   settings.rfh_dropout, (settings.rfh_start, settings.rfh_end), settings.bli_strength,
                                   settings.bli_steps, settings.bli_inputs, LayerPolicy(settings.csa_layers),
