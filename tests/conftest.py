@@ -89,3 +89,23 @@ def consistory_plus():
 
     data = yaml.safe_load(CONSISTORY_PLUS.read_text())
     return [(f"{s['style']} {s['subject']}", list(s["settings"])) for sets in data.values() for s in sets]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(clip_tokenizer, tmp_path_factory):
+    """A randomly initialised CLIPModel (tiny text and vision towers, 32x32 images) and its processor, saved with
+    ``save_pretrained`` the way a user's local copy of ViT-B/32 would be (nothing downloaded)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
+                                         eos_token_id=49407, pad_token_id=49407),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8),
+                        projection_dim=16)
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(config).eval().save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=clip_tokenizer).save_pretrained(folder)
+    return folder
