@@ -115,11 +115,15 @@ def test_cli_scores_stories_and_writes_tables_and_sheets(tmp_path, tiny_clip_pat
     settings = Settings.from_dict({"enabled": True, "story": STORY})
     story_run(tmp_path / "images", 0, settings)
     story_run(tmp_path / "images", 3, settings, seed=9)
+    (tmp_path / "images" / "notes.json").write_text("{}")  # not an image: ignored
+    (tmp_path / "images" / "00009-1.jpg").write_bytes(b"jpeg")  # an image without PNG infotext: left out, noted
     out = tmp_path / "images" / "eval"  # inside the scored folder: its own sheets must not be read back
     for attempt in range(2):
         assert main([str(tmp_path / "images"), "--out", str(out), "--clip", str(tiny_clip_path),
                      "--device", "cpu", "--dreamsim", "off", "--background", "off"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "left out 1 image(s) that are not PNG, e.g." in captured.err and "notes.json" not in captured.err
     assert "| overall (2 stories) | 6 |" in printed and "DreamSim: off (--dreamsim off)" in printed
     rows = list(csv.reader((out / "scores.csv").open()))
     assert rows[0] == ["story", "frames", "CLIP-T", "CLIP-I", "DreamSim"]

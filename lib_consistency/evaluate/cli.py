@@ -42,7 +42,7 @@ def collect_stories(paths: Sequence[str], mode: str, skip: Sequence[pathlib.Path
     """The stories to score, with notes on stderr for everything left out; EvaluationError when none is left."""
     pngs, others = find_pngs(paths, skip)
     if others:
-        note(f"left out {len(others)} non-PNG file(s), e.g. {others[0]} (only PNG infotext is read)")
+        note(f"left out {len(others)} image(s) that are not PNG, e.g. {others[0]} (only PNG infotext is read)")
     frames = read_frames(pngs)
     if mode == "folder":
         stories = group_by_folder(frames)

@@ -27,6 +27,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CONTACT_SHEET_KEY = "consistent-story-contact-sheet"  # text chunk marking our own contact sheets (never scored)
 STORY_TEXT_KEY = "Story Text"
 STORY_SEED_MODE_KEY = "Story Seed mode"
+OTHER_IMAGES = {".jpg", ".jpeg", ".webp", ".avif", ".gif", ".bmp", ".tif", ".tiff"}
 PER_IMAGE_KEYS = {"Seed", "Variation seed", "Hires prompt", "Hires negative prompt"}  # differ between frames
 # Same pattern as the WebUIs' parser: a key of word characters, spaces, '-' or '/', then a quoted or plain value.
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -119,7 +120,8 @@ def read_frames(pngs: Iterable[pathlib.Path]) -> list[Frame]:
 
 def find_pngs(paths: Iterable[str | pathlib.Path], skip: Iterable[pathlib.Path] = ()) -> tuple[list[pathlib.Path],
                                                                                              list[pathlib.Path]]:
-    """PNG files named or inside the given folders (recursive, name order) and the non-PNG files skipped in folders.
+    """PNG files named or inside the given folders (recursive, name order), and the other images found in folders
+    (JPEG, WebP, ...: left out, their infotext is not read). Files that are not images are ignored.
 
     A named file must be a PNG; a folder must hold at least one; ``skip`` folders (our own output) are left out.
     """
@@ -137,7 +139,10 @@ def find_pngs(paths: Iterable[str | pathlib.Path], skip: Iterable[pathlib.Path] 
             for item in sorted(path.rglob("*")):
                 if not item.is_file() or any(item.resolve().is_relative_to(folder) for folder in skipped):
                     continue
-                (found if item.suffix.lower() == ".png" else others).append(item)
+                if item.suffix.lower() == ".png":
+                    found.append(item)
+                elif item.suffix.lower() in OTHER_IMAGES:
+                    others.append(item)
             if not found:
                 raise EvaluationError(f"{path}: no PNG images in this folder")
             pngs.extend(found)
