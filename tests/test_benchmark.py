@@ -225,10 +225,17 @@ def test_cli_generates_scores_and_prints_table_1(server, bench, tmp_path, tiny_c
     assert "vanilla: 2 of 2 sets already finished, 0 to generate" in out  # the second run reuses vanilla
     table = out[out.rindex("| Method"):].splitlines()
     assert [line.split(" | ")[0] for line in table[2:5]] == ["| Vanilla", "| 1Prompt1Story", "| StoryDiffusion"]
-    assert all(line.split(" | ")[-3] == "2" and line.endswith("| 2/2 |") for line in table[2:5])  # steps, sets
-    assert "ConsiStory+: 2 sets, 10 frames; seed 42, 32x32, 2 steps, CFG 5, Euler" in out
+    assert all(line.split(" | ")[-2] == "2" for line in table[2:5])  # steps
+    assert "ConsiStory+: 2 of 2 chosen sets (10 frames), finished by every run; seed 42, 32x32, 2 steps, CFG 5" in out
     assert (tmp_path / "runs" / "table.md").read_text() in out
     assert (tmp_path / "runs" / "StoryDiffusion" / "evaluation" / "scores.csv").exists()
+
+    (tmp_path / "runs" / "StoryDiffusion" / "foods_0" / "done.json").unlink()  # as if interrupted in foods_0
+    assert main([a for a in common if a not in ("--url", server)] + ["--eval-only"]) == 0
+    out = capsys.readouterr().out
+    assert "vanilla: 2 sets finished; the table compares the 1 that every run has" in out
+    assert "ConsiStory+: 1 of 2 chosen sets (5 frames), finished by every run" in out
+    assert out.count("| 2 | ") == 3  # still three rows, each scored on animals_0 only
 
 
 def test_cli_errors_name_the_field(bench, tmp_path, capsys):

@@ -13,7 +13,7 @@ from ..evaluate.report import atomic_write
 from ..settings import PRESETS
 from .runner import VANILLA, Generation, Method, Runner, read_json
 from .sets import DEFAULT_BENCHMARK, REQUIREMENTS, BenchmarkError, load_benchmark, select_sets
-from .table import score_methods, table
+from .table import comparable, score_methods, table
 from .webui import WebUI
 
 
@@ -108,11 +108,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not (args.out / "benchmark.json").exists():
         raise BenchmarkError(f"{args.out}: no benchmark run here (benchmark.json missing)")
-    evaluator = build_evaluator(args)
-    rows = score_methods(args.out, sets, evaluator, sheets=not args.no_sheets)
-    if not rows:
+    methods, common = comparable(args.out, sets)
+    if not methods:
         raise BenchmarkError(f"{args.out}: no finished set to score")
-    text = table(rows, Generation(**_stored(args.out)), evaluator, sets)
+    evaluator = build_evaluator(args)
+    rows = score_methods(args.out, methods, common, evaluator, sheets=not args.no_sheets)
+    text = table(rows, Generation(**_stored(args.out)), evaluator, common, len(sets))
     atomic_write(args.out / "table.md", text.encode())
     print(text)
     print(f"written: {args.out / 'table.md'}; per-set scores and contact sheets in {args.out}/<method>/evaluation/")
