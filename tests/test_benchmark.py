@@ -40,6 +40,7 @@ class FakeWebUI(BaseHTTPRequestHandler):
     """Answers like A1111: scripts, txt2img (one image per frame for a story, else one), errors as JSON."""
     requests: list = []
     fail_on: int | None = None   # txt2img request number (1-based) answered with HTTP 500
+    fallback_sampler: str | None = None  # A1111 draws with its default sampler when the name is unknown
     scripts = ["consistent story"]
 
     def log_message(self, *args):
@@ -68,15 +69,17 @@ class FakeWebUI(BaseHTTPRequestHandler):
             return self.answer(500, {"error": "NansException", "detail": "", "body": "",
                                      "errors": "A tensor with all NaNs was produced in VAE."})
         size, seed = payload["width"], payload["seed"]
+        drawn = dict(steps=payload["steps"], sampler=cls.fallback_sampler or payload["sampler_name"],
+                     cfg_scale=float(payload["cfg_scale"]))
         story = payload.get("alwayson_scripts", {}).get("consistent story", {}).get("args", [{}])[0]
         if story.get("enabled"):
             settings = Settings.from_dict(story)
             parsed = parse_story(settings.story)
             prompts = [parsed.frame_prompt(i, payload["prompt"]) for i in range(len(parsed.frames))]
-            texts = [infotext(p, seed, story=settings, style=payload["prompt"], size=size) for p in prompts]
+            texts = [infotext(p, seed, story=settings, style=payload["prompt"], size=size, **drawn) for p in prompts]
             salt = settings.preset
         else:
-            texts, salt = [infotext(payload["prompt"], seed, size=size)], "vanilla"
+            texts, salt = [infotext(payload["prompt"], seed, size=size, **drawn)], "vanilla"
         images = [base64.b64encode(png_bytes(t, salt + t.split("\n")[0], size)).decode() for t in texts]
         self.answer(200, {"images": images, "parameters": {}, "info": "{}"})
 
@@ -84,6 +87,7 @@ class FakeWebUI(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     FakeWebUI.requests, FakeWebUI.fail_on, FakeWebUI.scripts = [], None, ["consistent story"]
+    FakeWebUI.fallback_sampler = None
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeWebUI)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -193,6 +197,17 @@ def test_http_errors_are_reported_and_leave_the_set_unfinished(server, bench, tm
     with pytest.raises(BenchmarkError, match=r"txt2img answered HTTP 500: NansException: A tensor with all NaNs"):
         runner.run(Method("vanilla"), sets)
     assert not is_finished(tmp_path / "out" / "vanilla" / "animals_0", sets[0])
+
+
+def test_a_webui_that_draws_with_other_parameters_is_refused(server, bench, tmp_path):
+    sets = select_sets(load_benchmark(bench)[0], 1)
+    FakeWebUI.fallback_sampler = "DPM++ 2M"
+    runner = Runner(WebUI(server), tmp_path / "out", Generation(width=32, height=32, sampler="Bogus"),
+                    report=lambda _: None)
+    with pytest.raises(BenchmarkError, match=r"animals_0 frame 0: the WebUI used Sampler 'DPM\+\+ 2M' \(schedule "
+                                             r"type Automatic\), not 'Bogus'"):
+        runner.run(Method.preset("1Prompt1Story", {}), sets)
+    assert not is_finished(tmp_path / "out" / "1Prompt1Story" / "animals_0", sets[0])
 
 
 def test_webui_errors_name_the_url(server):

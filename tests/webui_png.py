@@ -20,8 +20,9 @@ def quote(value) -> str:
 
 
 def infotext(prompt: str, seed: int = 42, negative: str = "", story: Settings | None = None, style: str = "",
-             size: int = 64, model: str = "tiny-sd15", steps: int = 3) -> str:
-    params = {"Steps": steps, "Sampler": "Euler", "Schedule type": "Automatic", "CFG scale": 5.0, "Seed": seed,
+             size: int = 64, model: str = "tiny-sd15", steps: int = 3, sampler: str = "Euler",
+             cfg_scale: float = 5.0) -> str:
+    params = {"Steps": steps, "Sampler": sampler, "Schedule type": "Automatic", "CFG scale": cfg_scale, "Seed": seed,
               "Size": f"{size}x{size}", "Model hash": "9b965036dd", "Model": model}
     if story is not None:
         params.update(story.to_infotext())

@@ -183,13 +183,27 @@ class Runner:
                                      "prompts": list(prompts)})
         return seconds
 
-    @staticmethod
-    def _checked(image: bytes, prompt: str, bset: BenchmarkSet, i: int) -> bytes:
-        """``image`` if its infotext holds the frame's own prompt, else BenchmarkError (no silent mismatch)."""
-        got = infotext_of(image, bset.name, i).prompt
-        if got != prompt:
-            raise BenchmarkError(f"{bset.name} frame {i}: the WebUI drew the prompt {got!r}, expected {prompt!r} "
-                                 "(does another extension change prompts?)")
+    def _checked(self, image: bytes, prompt: str, bset: BenchmarkSet, i: int) -> bytes:
+        """``image`` if its infotext holds the frame's own prompt and the requested parameters, else BenchmarkError:
+        a WebUI that silently falls back (an unknown sampler name) must not give a table that names the request."""
+        info = infotext_of(image, bset.name, i)
+        if info.prompt != prompt:
+            raise BenchmarkError(f"{bset.name} frame {i}: the WebUI drew the prompt {info.prompt!r}, expected "
+                                 f"{prompt!r} (does another extension change prompts?)")
+        g = self.generation
+        expected = {"Steps": (str(g.steps), str), "Size": (f"{g.width}x{g.height}", str), "Seed": (str(g.seed), str),
+                    "CFG scale": (g.cfg_scale, float), "Sampler": (g.sampler, str)}
+        for key, (want, kind) in expected.items():
+            got = info.params.get(key)
+            try:
+                same = got is not None and kind(got) == want
+            except ValueError:
+                same = False
+            if not same:
+                used = f"{got!r}" + (f" (schedule type {info.params['Schedule type']})"
+                                     if key == "Sampler" and "Schedule type" in info.params else "")
+                raise BenchmarkError(f"{bset.name} frame {i}: the WebUI used {key} {used}, not {want!r}; pass "
+                                     "the value as the WebUI names it")
         return image
 
 
