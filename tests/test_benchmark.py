@@ -55,6 +55,9 @@ class FakeWebUI(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
+        if self.path == "/sdapi/v1/sd-models":
+            return self.answer(200, [{"title": "tiny-sd15.safetensors [9b965036dd]", "model_name": "tiny-sd15",
+                                      "filename": "/models/tiny-sd15.safetensors"}])
         if self.path == "/sdapi/v1/scripts":
             return self.answer(200, {"txt2img": type(self).scripts, "img2img": type(self).scripts})
         self.answer(404, {"detail": "Not Found"})
@@ -208,6 +211,14 @@ def test_a_webui_that_draws_with_other_parameters_is_refused(server, bench, tmp_
                                              r"type Automatic\), not 'Bogus'"):
         runner.run(Method.preset("1Prompt1Story", {}), sets)
     assert not is_finished(tmp_path / "out" / "1Prompt1Story" / "animals_0", sets[0])
+
+
+def test_the_model_must_be_one_of_the_servers(server, tmp_path):
+    for title in ("tiny-sd15", "tiny-sd15.safetensors", "tiny-sd15.safetensors [9b965036dd]"):
+        assert WebUI(server).model_name(title) == "tiny-sd15"
+    with pytest.raises(BenchmarkError, match=r"--model 'nosuch': not a checkpoint of .* \(it has: tiny-sd15"):
+        Runner(WebUI(server), tmp_path / "out", Generation(model="nosuch"), report=lambda _: None)
+    assert not (tmp_path / "out").exists()
 
 
 def test_webui_errors_name_the_url(server):

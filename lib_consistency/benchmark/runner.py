@@ -130,6 +130,7 @@ class Runner:
                  report: Callable[[str], None] = print):
         self.webui, self.out, self.generation, self.report = webui, out, generation, report
         self.warm = False
+        self.model_name = webui.model_name(generation.model) if generation.model else None
         claim(out / "benchmark.json", asdict(generation), "a benchmark run")
 
     def warm_up(self) -> None:
@@ -193,6 +194,8 @@ class Runner:
         g = self.generation
         expected = {"Steps": (str(g.steps), str), "Size": (f"{g.width}x{g.height}", str), "Seed": (str(g.seed), str),
                     "CFG scale": (g.cfg_scale, float), "Sampler": (g.sampler, str)}
+        if self.model_name and "Model" in info.params:
+            expected["Model"] = (self.model_name, str)
         for key, (want, kind) in expected.items():
             got = info.params.get(key)
             try:

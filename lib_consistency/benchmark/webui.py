@@ -51,6 +51,21 @@ class WebUI:
             raise BenchmarkError(f"{self.url}: the Consistent Story extension is not installed or not enabled in "
                                  "this WebUI (not in /sdapi/v1/scripts)")
 
+    def model_name(self, title: str) -> str:
+        """The ``model_name`` of the checkpoint ``title`` names (its title, file name or name, as the WebUI accepts
+        them); BenchmarkError listing the server's checkpoints when none matches (the WebUI would silently keep the
+        loaded one)."""
+        models = self.call("/sdapi/v1/sd-models")
+        if not isinstance(models, list):
+            raise BenchmarkError(f"{self.url}/sdapi/v1/sd-models: unexpected answer {str(models)[:200]}")
+        for model in models:
+            names = {str(model.get("title", "")), str(model.get("model_name", "")),
+                     str(model.get("filename", "")).replace("\\", "/").rsplit("/", 1)[-1]}
+            if title in names or str(model.get("title", "")).startswith(title + " ["):
+                return str(model.get("model_name", title))
+        titles = ", ".join(str(m.get("title")) for m in models) or "none"
+        raise BenchmarkError(f"--model {title!r}: not a checkpoint of {self.url} (it has: {titles})")
+
     def txt2img(self, payload: dict) -> list[bytes]:
         """The generated images as PNG bytes, in the server's order."""
         answer = self.call("/sdapi/v1/txt2img", payload)
