@@ -73,7 +73,7 @@ def test_groups_frames_by_run(tmp_path):
     write(tmp_path / "out" / "00013-5.png", infotext("a plain image", 5))
     write(tmp_path / "out" / "00014-42.png", infotext(FRAMES[1], story=same, style="watercolor"))  # one frame kept
     write(tmp_path / "grids" / "00000-42.png", infotext(FRAMES[0], story=same, style="watercolor"), size=96)
-    frames = read_frames(find_pngs([tmp_path])[0])
+    frames = read_frames(find_pngs([tmp_path, tmp_path / "out" / "00000-42.png"])[0])  # that file counts once
     stories, loose, odd = group_by_run(frames)
     assert [f.path.name for f in loose] == ["00013-5.png"]
     assert [f.path.name for f in odd] == ["00003-42.png"]

@@ -148,7 +148,8 @@ def find_pngs(paths: Iterable[str | pathlib.Path], skip: Iterable[pathlib.Path] 
             pngs.extend(found)
         else:
             raise EvaluationError(f"{path}: no such file or folder")
-    return pngs, others
+    unique = list({p.resolve(): p for p in pngs}.values())  # a file named and inside a named folder counts once
+    return unique, others
 
 
 def group_by_run(frames: list[Frame]) -> tuple[list[StoryImages], list[Frame], list[Frame]]:
