@@ -25,6 +25,10 @@ from .metrics import ClipEmbedder
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 REQUIREMENTS = "lib_consistency/requirements-eval.txt"
 DREAMSIM_CACHE = pathlib.Path.home() / ".cache" / "dreamsim"
+# What dreamsim 0.2's default ensemble reads from its cache folder; without one of them it downloads: its own
+# checkpoint (the first four) and, through torch.hub in the same folder, DINO's code and weights.
+DREAMSIM_FILES = ("dino_vitb16_pretrain.pth", "open_clip_vitb16_pretrain.pth.tar", "clip_vitb16_pretrain.pth.tar",
+                  "ensemble_lora", "facebookresearch_dino_main", "checkpoints")
 NOISE_SEED = 1234
 
 
@@ -65,8 +69,10 @@ def load_dreamsim(mode: str, cache: pathlib.Path, allow_download: bool, device: 
         from dreamsim import dreamsim
     except ImportError:
         return _missing(mode, "DreamSim", f"the 'dreamsim' package is not installed; pip install -r {REQUIREMENTS}")
-    if not allow_download and not (cache / "ensemble_lora").is_dir():
-        return _missing(mode, "DreamSim", f"its weights are not in {cache}; --dreamsim-cache DIR, or --allow-download")
+    missing = [name for name in DREAMSIM_FILES if not (cache / name).exists()]
+    if missing and not allow_download:
+        return _missing(mode, "DreamSim", f"its weights ({', '.join(missing)}) are not in {cache}; --dreamsim-cache "
+                                          "DIR, or --allow-download")
     try:
         model, preprocess = dreamsim(pretrained=True, device=device, cache_dir=str(cache))
     except Exception as error:  # the package's own loader: anything it raises means "no DreamSim"
