@@ -160,24 +160,27 @@ class Runner:
             if stale.is_file():
                 stale.unlink()
         prompts = bset.frame_prompts()
-        start = time.perf_counter()
+        seconds = 0.0  # time spent in the WebUI's requests only (not our checks and writes)
         if method.settings is None:
             images = []
             for i, prompt in enumerate(prompts):
+                start = time.perf_counter()
                 answer = self.webui.txt2img(self.generation.payload(prompt))
+                seconds += time.perf_counter() - start
                 if not answer:
                     raise BenchmarkError(f"{bset.name} frame {i}: the WebUI returned no image")
                 images.append(self._checked(answer[0], prompt, bset, i))
                 atomic_write(frame_path(folder, i), images[-1])
         else:
+            start = time.perf_counter()
             images = self.webui.txt2img(method.payload(self.generation, bset))
+            seconds = time.perf_counter() - start
             if len(images) < len(prompts):
                 raise BenchmarkError(f"{bset.name}: the WebUI returned {len(images)} images for {len(prompts)} "
                                      "frames")
             images = [self._checked(image, prompt, bset, i) for i, (image, prompt) in enumerate(zip(images, prompts))]
             for i, image in enumerate(images):
                 atomic_write(frame_path(folder, i), image)
-        seconds = time.perf_counter() - start
         model = infotext_of(images[0], bset.name, 0).params.get("Model", "")
         write_json(folder / MARKER, {"frames": len(prompts), "seconds": round(seconds, 3),
                                      "seconds_per_image": round(seconds / len(prompts), 3), "model": model,

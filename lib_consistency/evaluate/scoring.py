@@ -61,9 +61,10 @@ class Evaluator:
             raise EvaluationError(f"story {story.name}: {len(story.frames)} frame; CLIP-I and DreamSim need 2")
         images = [_load(frame.path) for frame in story.frames]
         texts = [clip_t_text(frame.prompt) for frame in story.frames]
-        per_frame = clip_score(self.clip.images(images), self.clip.texts(texts))
+        embeddings = self.clip.images(images)
+        per_frame = clip_score(embeddings, self.clip.texts(texts))
         identity = self.background.run(images) if self.background.run else images
-        clip_i = mean_pair_similarity(self.clip.images(identity))
+        clip_i = mean_pair_similarity(self.clip.images(identity) if self.background.run else embeddings)
         dreamsim = mean_pair_distance(self.dreamsim.run(identity)) if self.dreamsim.run else None
         return StoryScores(story.name, tuple(float(v) for v in per_frame), clip_i, dreamsim)
 
