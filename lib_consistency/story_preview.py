@@ -118,7 +118,6 @@ STYLE = """<style>
 .cs-preview tr.cs-selected td{outline:1px solid var(--color-accent,#f97316);outline-offset:-1px}
 .cs-preview .cs-prompt{font-family:var(--font-mono,monospace);word-break:break-word;min-width:16em}
 .cs-preview .cs-dim{color:var(--body-text-color-subdued)}
-.cs-preview .cs-over{color:var(--error-text-color,#dc2626);font-weight:600}
 </style>"""
 
 
@@ -227,9 +226,7 @@ def _table(rows: Sequence[FramePreview], settings: Settings, seed: int | None) -
         if sharing:
             cells.append(_numbers(r.shares_with))
         if tokens:
-            over = r.count is not None and r.count > CHUNK_CONTENT_TOKENS and windows
-            cells.append(f'<span class="{"cs-over" if over else ""}">{r.count}/{r.limit}</span>'
-                         if r.count is not None else "")
+            cells.append(f"{r.count}/{r.limit}" if r.count is not None else "")
         if windows:
             cells.append(_numbers(r.window or ()))
         body.append(f'<tr class="cs-frame"{_data(r)}>' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import types
 from unittest.mock import patch
 
@@ -9,9 +10,24 @@ import pytest
 from PIL import Image
 
 from lib_consistency.hosts import storyboard, ui, xyz
+from lib_consistency.story_examples import EXAMPLES
 from lib_consistency.settings import PRESETS, Settings, axis_keys, axis_label, infotext_key, option, option_keys
 
 # --- gradio / InputAccordion stand-ins ------------------------------------------------------------------------------
+
+
+CREATED: list = []  # every stand-in component, in creation order
+
+
+class FakeEvent:
+    """What an event registration returns: ``.then`` chains a follow-up on the same component."""
+
+    def __init__(self, block):
+        self.block = block
+
+    def then(self, fn, inputs, outputs, **kwargs):
+        self.block.events.append(("then", fn, inputs, outputs, kwargs))
+        return self
 
 
 class FakeBlock:
@@ -19,6 +35,7 @@ class FakeBlock:
 
     def __init__(self, value=None, **kwargs):
         self.value, self.kwargs, self.events = value, kwargs, []
+        CREATED.append(self)
 
     def __enter__(self):
         return self
@@ -26,23 +43,33 @@ class FakeBlock:
     def __exit__(self, *exc):
         return False
 
+    def _event(self, name, fn, inputs, outputs, kwargs):
+        self.events.append((name, fn, inputs, outputs, kwargs))
+        return FakeEvent(self)
+
     def change(self, fn, inputs, outputs, **kwargs):
-        self.events.append(("change", fn, inputs, outputs))
+        return self._event("change", fn, inputs, outputs, kwargs)
 
     def input(self, fn, inputs, outputs, **kwargs):
-        self.events.append(("input", fn, inputs, outputs))
+        return self._event("input", fn, inputs, outputs, kwargs)
+
+    def click(self, fn, inputs, outputs, **kwargs):
+        return self._event("click", fn, inputs, outputs, kwargs)
 
 
 def fake_modules():
-    kinds = {name: type(name, (FakeBlock,), {}) for name in ("Checkbox", "Dropdown", "Slider", "Textbox", "HTML",
-                                                             "Accordion", "InputAccordion")}
+    names = ("Checkbox", "Dropdown", "Slider", "Textbox", "HTML", "Accordion", "Row", "Button")
+    kinds = {name: type(name, (FakeBlock,), {}) for name in names + ("InputAccordion",)}
     gradio = types.ModuleType("gradio")
-    for name in ("Checkbox", "Dropdown", "Slider", "Textbox", "HTML", "Accordion"):
+    for name in names:
         setattr(gradio, name, kinds[name])
     gradio.update = lambda **kwargs: {"__type__": "update", **kwargs}
     ui_components = types.ModuleType("modules.ui_components")
     ui_components.InputAccordion = kinds["InputAccordion"]
     return {"gradio": gradio, "modules": types.ModuleType("modules"), "modules.ui_components": ui_components}
+
+
+PREFIX = "script_txt2img_consistent_story_"
 
 
 class FakeScript:
@@ -53,13 +80,14 @@ class FakeScript:
 @pytest.fixture(scope="module")
 def built():
     script = FakeScript()
+    CREATED.clear()
     with patch.dict("sys.modules", fake_modules()):
         components = ui.build_ui(script, is_img2img=False)
-    return script, components
+    return script, components, {b.kwargs.get("elem_id"): b for b in CREATED}
 
 
 def test_components_follow_option_keys(built):
-    script, components = built
+    script, components, _ = built
     assert len(components) == len(option_keys())
     defaults = Settings()
     for key, component in zip(option_keys(), components):
@@ -85,7 +113,7 @@ def test_components_follow_option_keys(built):
 
 
 def test_infotext_fields_cover_every_option(built):
-    script, components = built
+    script, components, _ = built
     assert [field for field, _ in script.infotext_fields] == components
     assert [key for _, key in script.infotext_fields] == [infotext_key(k) for k in option_keys()]
     assert script.paste_field_names == [infotext_key(k) for k in option_keys()]
@@ -97,42 +125,62 @@ def test_infotext_fields_cover_every_option(built):
 
 
 def test_preset_input_sets_method_controls(built):
-    _, components = built
+    _, components, _ = built
     by_key = dict(zip(option_keys(), components))
-    (event, fn, inputs, outputs), = by_key["preset"].events
+    (event, fn, inputs, outputs, _), = by_key["preset"].events[:1]
     assert event == "input" and inputs == [by_key["preset"]]
     assert outputs == [by_key[k] for k in ui.PRESET_KEYS]
     with patch.dict("sys.modules", fake_modules()):
         for name, values in PRESETS.items():
             updates = dict(zip(ui.PRESET_KEYS, fn(name)))
             assert {k: u["value"] for k, u in updates.items() if "value" in u} == values
-    # the status line follows the story, consolidate and window controls
-    for key in ("story", "consolidate", "window"):
-        (event, fn, inputs, _), = by_key[key].events
-        assert event == "change" and inputs == [by_key["story"], by_key["consolidate"], by_key["window"]]
 
 
-def test_story_status_shows_budget_and_errors():
-    words = [("words", str.split)]  # a stand-in tokenizer: one token per word
-    story = "a red fox\nin the snow # Morning\n[NC] an empty lake\n"
-    assert "2 frames; 9/75 tokens (identity 3, frames 3+3)" in ui.story_status(story, True, 10, words)
-    assert "once a model is loaded" in ui.story_status(story, True, 10, [])
-    assert ui.story_status(story, False, 10, []) == "<p>2 frames</p>"
-    assert "story line 4: unknown character tag [Bobb]" in \
-        ui.story_status("Bob: a man\n---\n[Bob] walks\n[Bobb] runs", True, 10, words)
-    assert "exceeds" in ui.story_status("a fox\nsits\n" + "word " * 80, True, 10, words)
-    assert ui.story_status("  \n", True, 10, words) == ""
-    # one frame: nothing to consolidate (refused when generating too); fine without consolidation
-    assert "consolidation needs at least 2 frames" in ui.story_status("a fox\nsits", True, 10, words)
-    assert ui.story_status("a fox\nsits", False, 10, words) == "<p>1 frame</p>"
+def test_frames_preview_is_refreshed_by_the_editor_and_by_every_setting_it_shows(built):
+    _, components, by_id = built
+    by_key = dict(zip(option_keys(), components))
+    preview, host = by_id[f"{PREFIX}preview"], by_id[f"{PREFIX}host_values"]
+    assert type(preview).__name__ == "HTML" and host.kwargs["visible"] is False and host.value == ui.HOST_MARKER
+    refresh = by_id[f"{PREFIX}refresh"]
+    assert refresh.kwargs["visible"] is False
+    (event, fn, inputs, outputs, kwargs), = refresh.events
+    assert (event, fn, inputs, outputs) == ("click", ui.update_preview, components + [host], [preview])
+    assert kwargs["_js"] == "(...a) => consistentStoryHostArgs('txt2img', a)"  # story_editor.js fills `host`
+    assert set(ui.PREVIEW_KEYS) <= set(option_keys()) and "story" not in ui.PREVIEW_KEYS
+    for key in option_keys():
+        changes = [e for e in by_key[key].events if e[0] == "change"]
+        if key in ui.PREVIEW_KEYS:
+            assert [e[1:4] + (e[4]["_js"],) for e in changes] == [(fn, inputs, outputs, kwargs["_js"])], key
+            assert type(by_key[key]).__name__ in ("Checkbox", "Dropdown", "Slider"), key
+        else:
+            assert changes == [], key  # typing is debounced in the browser, never a request per keystroke
+    example = by_id[f"{PREFIX}example"]
+    (event, pick, inputs, outputs, _), then = example.events
+    assert (event, inputs, outputs) == ("input", [example], [by_key["story"]])
+    assert then[:4] == ("then", fn, components + [host], [preview])
+    with patch.dict("sys.modules", fake_modules()):
+        assert pick("Long story (16 frames)")["value"] == EXAMPLES["Long story (16 frames)"]
+        assert "value" not in pick("no such example")
+    assert type(by_id[f"{PREFIX}load"]).__name__ == type(by_id[f"{PREFIX}save"]).__name__ == "Button"
 
 
-def test_story_status_shows_a_span_the_second_encoder_shifts():
-    def shifting(text):  # an encoder whose tokenisation of the joined text differs from its pieces
-        return text.replace("fox in", "fox-in").split()
-    status = ui.story_status("a red fox\nin the snow\nby a lake", True, 10, [("CLIP-L", str.split),
-                                                                           ("OpenCLIP bigG", shifting)])
-    assert "&#9888;" in status and "frame 1 (&#x27;in the snow&#x27;)" in status and "OpenCLIP bigG" in status
+def host_values(prompt, seed):
+    return json.dumps({"consistent_story_host": True, "prompt": prompt, "seed": seed})
+
+
+def test_update_preview_reads_the_prompt_and_seed_the_editor_sends():
+    values = Settings(story="Bob: a man\n---\n[Bob] walks # One\n[Bob] runs", consolidate=False,
+                      reweighting="none", ipca=False, seed_mode="sequential").to_args()
+    with patch.object(ui, "host_tokenizers", lambda: [("CLIP-L", str.split)]):
+        panel = ui.update_preview(*values, host_values("ink", 41))
+        assert "ink, a man, walks" in panel and "<td>41</td>" in panel and "<td>42</td>" in panel
+        assert 'data-line="4"' in panel and 'data-count="4" data-limit="75"' in panel
+        for host in (ui.HOST_MARKER, "", None, "[1]", "{bad json", json.dumps({"prompt": "x"})):
+            panel = ui.update_preview(*values, host)  # no host values (yet): empty style, random seed
+            assert "a man, walks" in panel and "x, a man" not in panel and "<td>random</td>" in panel, host
+    with patch.object(ui, "preview_panel", side_effect=RuntimeError("boom")):
+        assert "could not build the frames preview: RuntimeError(&#x27;boom&#x27;)" in \
+            ui.update_preview(*values, host_values("ink", 1))
 
 
 class Chunk:

@@ -2,18 +2,20 @@
 
 ``build_ui`` returns one component per ``option_keys()`` entry, in that order: the positional API contract. It is
 called once per tab and again by the API inside a throwaway ``gr.Blocks`` (hosts.md §1.3), so it registers no host
-callbacks and keeps no state besides ``script.infotext_fields`` / ``script.paste_field_names``. Gradio and
+callbacks, wires events between its own components only, and keeps no state besides ``script.infotext_fields`` /
+``script.paste_field_names``. The story editor's browser side is ``javascript/story_editor.js``. Gradio and
 ``modules`` are imported inside the functions that need them, so this module imports without a WebUI.
 """
 from __future__ import annotations
 
 import html
+import json
 from contextlib import nullcontext
-from typing import Any, Sequence
+from typing import Any
 
 from ..settings import INFOTEXT_PREFIX, ONEACTOR_PRESETS, PRESETS, Settings, infotext_key, option, option_keys
-from ..story import StoryError, parse_story
-from ..token_plan import TokenBudgetError, Tokenizer, plan_tokens, verify_token_plan
+from ..story_examples import EXAMPLES
+from ..story_preview import preview_panel
 from .tokenizers import model_tokenizers
 
 GROUPS = ("general", "1Prompt1Story", "StoryDiffusion", "StorySync", "OneActor")  # the method groups of Option.group
@@ -32,6 +34,11 @@ STORY_PLACEHOLDER = (
     "---\n"
     "[Bob] reads a letter # The letter")
 _DEFAULTS = Settings()
+HOST_MARKER = '{"consistent_story_host": true}'  # the hidden box story_editor.js fills with the prompt and seed
+# Settings that change the preview (frames, seeds, batches, sharing, tokens) without typing: their change refreshes it.
+# reweighting / ipca: only to clear the message that they need 'Consolidate'.
+PREVIEW_KEYS = ("preset", "frames_per_batch", "seed_mode", "consolidate", "window", "csa", "reference_frames",
+                "masked_sharing", "reweighting", "ipca")
 _EXTRA_KWARGS = {"story": dict(lines=8, placeholder=STORY_PLACEHOLDER)}
 
 
@@ -67,25 +74,43 @@ def build_ui(script: Any, is_img2img: bool) -> list:
             with nullcontext() if group == "general" else \
                     gr.Accordion(label=label, open=False, elem_id=script.elem_id(f"group_{group}")):
                 for key in (k for k in option_keys() if option(k).group == group and k != "enabled"):
+                    if key == "story":
+                        with gr.Row(elem_id=script.elem_id("story_tools")):
+                            example = gr.Dropdown(label="Example stories", choices=list(EXAMPLES), value=None,
+                                                  elem_id=script.elem_id("example"))
+                            gr.Button("Load story...", elem_id=script.elem_id("load"))  # javascript/story_editor.js
+                            gr.Button("Save story", elem_id=script.elem_id("save"))
                     controls[key] = _control(gr, script, key, interactive=False if unavailable else None)
                     if key == "story":
-                        status = gr.HTML(value="", elem_id=script.elem_id("story_status"))
+                        preview = gr.HTML(value="", elem_id=script.elem_id("preview"))
+                        host = gr.Textbox(value=HOST_MARKER, visible=False, elem_id=script.elem_id("host_values"))
+                        refresh = gr.Button(visible=False, elem_id=script.elem_id("refresh"))
 
     controls["preset"].input(fn=preset_updates, inputs=[controls["preset"]],
                              outputs=[controls[k] for k in PRESET_KEYS], show_progress=False)
     controls["oneactor_preset"].input(fn=oneactor_preset_updates, inputs=[controls["oneactor_preset"]],
                                       outputs=[controls[k] for k in ONEACTOR_PRESET_KEYS], show_progress=False)
 
-    def update_status(text: str, consolidate: bool, window: float) -> str:
-        return story_status(text, consolidate, window, host_tokenizers())
-
-    status_inputs = [controls["story"], controls["consolidate"], controls["window"]]
-    for component in status_inputs:
-        component.change(fn=update_status, inputs=status_inputs, outputs=[status], show_progress=False)
+    # The frames preview: javascript/story_editor.js clicks `refresh` (debounced) when the story, the WebUI's
+    # prompt or seed box change, and its consistentStoryHostArgs fills `host` with those two values (they are the
+    # host's components, not ours: reading them in the browser needs no reference across gradio Blocks, which the
+    # API's throwaway ui() call would not have). Settings with fixed values (checkboxes, sliders, dropdowns) update
+    # it on their own change.
+    preview_event = dict(fn=update_preview, inputs=[controls[k] for k in option_keys()] + [host], outputs=[preview],
+                         show_progress=False, _js=f"(...a) => consistentStoryHostArgs('{_tab(is_img2img)}', a)")
+    refresh.click(**preview_event)
+    for key in PREVIEW_KEYS:
+        controls[key].change(**preview_event)
+    example.input(fn=example_story, inputs=[example], outputs=[controls["story"]], show_progress=False) \
+        .then(**preview_event)
 
     script.infotext_fields = [(controls[k], _infotext_field(k)) for k in option_keys()]
     script.paste_field_names = [infotext_key(k) for k in option_keys()]
     return [controls[k] for k in option_keys()]
+
+
+def _tab(is_img2img: bool) -> str:
+    return "img2img" if is_img2img else "txt2img"
 
 
 def _control(gr: Any, script: Any, key: str, interactive: bool | None = None) -> Any:
@@ -125,37 +150,29 @@ def oneactor_preset_updates(name: str) -> list:
     return [gr.update(value=values[k]) if k in values else gr.update() for k in ONEACTOR_PRESET_KEYS]
 
 
-def story_status(text: str, consolidate: bool, window: float, tokenizers: Sequence[tuple[str, Tokenizer]]) -> str:
-    """The HTML line under the story box: parse errors with their line, else frame count and token budget.
-
-    ``tokenizers``: the model's (encoder name, tokenizer) pairs, CLIP-L first; the budget is counted with the
-    first and the spans verified with each, as generation does (the style text is added when generating)."""
-    if not text or not text.strip():
-        return ""
+def update_preview(*values: Any) -> str:
+    """The frames preview for the accordion's values (``option_keys()`` order) and the host values JSON that
+    javascript/story_editor.js put last (the WebUI's prompt and seed). Never raises: gradio would only show
+    "Error"; a failure is shown in the panel instead."""
+    *settings_values, host = values
     try:
-        story = parse_story(text)
-    except StoryError as e:
-        return f"<p>&#9888; {html.escape(str(e))}</p>"
-    frames = len(story.frames)
-    line = f"{frames} frame{'s' * (frames != 1)}"
-    if not story.shorthand:
-        line += f", {len(story.characters)} character{'s' * (len(story.characters) != 1)}"
-    if consolidate:
-        if frames < 2:
-            return f"<p>&#9888; {html.escape(line)}; consolidation needs at least 2 frames: add a frame or turn " \
-                   f"'Consolidate' off</p>"
-        if not tokenizers:
-            line += "; the token budget appears once a model is loaded"
-        else:
-            try:
-                plan = plan_tokens(story.identity_prompt, [f.prompt for f in story.frames], tokenizers[0][1],
-                                   window=int(window))
-                for name, tokenize in tokenizers:
-                    verify_token_plan(plan, tokenize, name)
-                line += "; " + plan.budget_line()
-            except TokenBudgetError as e:
-                return f"<p>&#9888; {html.escape(line)}; {html.escape(str(e))}</p>"
-    return f"<p>{html.escape(line)}</p>"
+        try:
+            hosted = json.loads(host)
+        except (TypeError, ValueError):
+            hosted = {}
+        hosted = hosted if isinstance(hosted, dict) and hosted.get("consistent_story_host") is True else {}
+        prompt = hosted.get("prompt")
+        return preview_panel(settings_values, prompt if isinstance(prompt, str) else "", hosted.get("seed", -1),
+                             host_tokenizers())
+    except Exception as error:  # a bug of ours or a host change: say so where the preview would be
+        return f"<p>&#9888; Consistent Story could not build the frames preview: {html.escape(repr(error))}</p>"
+
+
+def example_story(name: str) -> Any:
+    """gradio update of the story box to the example called ``name`` (unknown names change nothing)."""
+    import gradio as gr
+
+    return gr.update(value=EXAMPLES[name]) if name in EXAMPLES else gr.update()
 
 
 def host_tokenizers() -> list:
