@@ -59,13 +59,14 @@ class FakeBlock:
 
 def fake_modules():
     names = ("Checkbox", "Dropdown", "Slider", "Textbox", "HTML", "Accordion", "Row", "Button")
-    kinds = {name: type(name, (FakeBlock,), {}) for name in names + ("InputAccordion",)}
+    kinds = {name: type(name, (FakeBlock,), {}) for name in names + ("InputAccordion", "ToolButton")}
     gradio = types.ModuleType("gradio")
     for name in names:
         setattr(gradio, name, kinds[name])
     gradio.update = lambda **kwargs: {"__type__": "update", **kwargs}
     ui_components = types.ModuleType("modules.ui_components")
     ui_components.InputAccordion = kinds["InputAccordion"]
+    ui_components.ToolButton = kinds["ToolButton"]
     return {"gradio": gradio, "modules": types.ModuleType("modules"), "modules.ui_components": ui_components}
 
 
@@ -161,7 +162,8 @@ def test_frames_preview_is_refreshed_by_the_editor_and_by_every_setting_it_shows
     with patch.dict("sys.modules", fake_modules()):
         assert pick("Long story (16 frames)")["value"] == EXAMPLES["Long story (16 frames)"]
         assert "value" not in pick("no such example")
-    assert type(by_id[f"{PREFIX}load"]).__name__ == type(by_id[f"{PREFIX}save"]).__name__ == "Button"
+    assert type(by_id[f"{PREFIX}load"]).__name__ == type(by_id[f"{PREFIX}save"]).__name__ == "ToolButton"
+    assert by_id[f"{PREFIX}load"].events == by_id[f"{PREFIX}save"].events == []  # the browser does it all
 
 
 def host_values(prompt, seed):

@@ -63,7 +63,7 @@ class InfotextBool(str):
 def build_ui(script: Any, is_img2img: bool) -> list:
     """Build the accordion inside the current gradio context; returns the components in ``option_keys()`` order."""
     import gradio as gr
-    from modules.ui_components import InputAccordion
+    from modules.ui_components import InputAccordion, ToolButton
 
     enabled = InputAccordion(_DEFAULTS.enabled, label=option("enabled").label, elem_id=script.elem_id("enabled"))
     controls: dict[str, Any] = {"enabled": enabled}
@@ -77,9 +77,12 @@ def build_ui(script: Any, is_img2img: bool) -> list:
                     if key == "story":
                         with gr.Row(elem_id=script.elem_id("story_tools")):
                             example = gr.Dropdown(label="Example stories", choices=list(EXAMPLES), value=None,
-                                                  elem_id=script.elem_id("example"))
-                            gr.Button("Load story...", elem_id=script.elem_id("load"))  # javascript/story_editor.js
-                            gr.Button("Save story", elem_id=script.elem_id("save"))
+                                                  elem_id=script.elem_id("example"), scale=4)
+                            # no server event: javascript/story_editor.js reads and writes the file in the browser
+                            ToolButton("\U0001F4C2", elem_id=script.elem_id("load"),
+                                       tooltip="Load a story from a .txt or .json file")
+                            ToolButton("\U0001F4BE", elem_id=script.elem_id("save"),
+                                       tooltip="Save the story as a file (.json for a JSON story, else .txt)")
                     controls[key] = _control(gr, script, key, interactive=False if unavailable else None)
                     if key == "story":
                         preview = gr.HTML(value="", elem_id=script.elem_id("preview"))
