@@ -74,6 +74,9 @@ CAPTION_MARKER = " # "
 SUBJECT_MARKER = " | "
 MAX_SUBJECT_WORDS = 16
 
+# Lines end at \n, \r\n or \r only, as in a browser's textarea (the editor counts lines the same way); other
+# Unicode separators (U+2028, \v, \f...) are whitespace inside a line.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _NAME = re.compile(r"[^\W\d_][\w\- ]*")
 _TAG = re.compile(r"\[\s*([^\W\d_][\w\- ]*?)\s*\]")
 _JSON_TYPES = {str: "a string", list: "a list", dict: "an object", bool: "a boolean", int: "a number",
@@ -183,7 +186,7 @@ def parse_story(value: str | dict[str, Any] | list[str]) -> Story:
         for i, line in enumerate(value):
             if not isinstance(line, str):
                 raise StoryError(f"expected a line of text, got {type(line).__name__}", field=f"[{i}]")
-            if len(line.splitlines()) > 1:
+            if _LINE_BREAK.search(line):
                 raise StoryError("a line of a list of lines contains a line break", field=f"[{i}]")
         return _parse_text("\n".join(value))
     raise StoryError(f"expected story text, a JSON object or a list of lines, got {type(value).__name__}")
@@ -314,7 +317,7 @@ def _frame_from_line(text: str, cast: _Cast, shorthand: bool, where: _Where) -> 
 # --- text form -----------------------------------------------------------------------------------------------------
 
 def _parse_text(text: str) -> Story:
-    lines = [(n, s.strip()) for n, s in enumerate(text.splitlines(), 1)
+    lines = [(n, s.strip()) for n, s in enumerate(_LINE_BREAK.split(text), 1)
              if s.strip() and not s.strip().startswith("//")]
     if not lines:
         raise StoryError("no identity line: the text is empty or only comments")

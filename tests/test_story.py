@@ -548,3 +548,12 @@ def test_subject_word_json_errors(data, field, fragment):
             parse_story(value)
         assert (info.value.field, info.value.line) == (field, None)
         assert fragment in info.value.problem, info.value.problem
+
+
+def test_lines_end_only_where_a_textarea_breaks_them():
+    # The editor (a browser textarea) breaks lines at \n, \r\n and \r only; line numbers must agree with it.
+    story = parse_story("a fox\r\nruns\u2028fast\x0bnow\rsleeps\x85deeply\n[NC] rain\x0c")
+    assert [(f.prompt, f.line) for f in story.frames] == [("runs fast now", 2), ("sleeps deeply", 3), ("rain", 4)]
+    with pytest.raises(StoryError, match="story line 3: unknown character tag"):
+        parse_story("Bob: a man\u2029tall\n---\n[Bobb] walks")
+    assert parse_story(["a fox", "runs\u2028fast"]).frames[0].prompt == "runs fast"

@@ -99,8 +99,11 @@ def build_ui(script: Any, is_img2img: bool) -> list:
     # host's components, not ours: reading them in the browser needs no reference across gradio Blocks, which the
     # API's throwaway ui() call would not have). Settings with fixed values (checkboxes, sliders, dropdowns) update
     # it on their own change.
-    preview_event = dict(fn=update_preview, inputs=[controls[k] for k in option_keys()] + [host], outputs=[preview],
-                         show_progress=False, _js=f"(...a) => consistentStoryHostArgs('{_tab(is_img2img)}', a)")
+    inputs = [controls[k] for k in option_keys()] + [host]
+    # gradio hands the js function the inputs' and the outputs' values; gradio 4 warns when more than the inputs
+    # come back ("Too many arguments provided for the endpoint"), so only the inputs are returned.
+    preview_event = dict(fn=update_preview, inputs=inputs, outputs=[preview], show_progress=False,
+                         _js=f"(...a) => consistentStoryHostArgs('{_tab(is_img2img)}', a).slice(0, {len(inputs)})")
     refresh.click(**preview_event)
     for key in PREVIEW_KEYS:
         controls[key].change(**preview_event)
