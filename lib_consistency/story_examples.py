@@ -6,8 +6,8 @@ features each one shows. Style words belong in the WebUI's prompt box, so the ex
 from __future__ import annotations
 
 ONE_CHARACTER = """\
-// One character (the 1Prompt1Story shorthand): who the story is about, then one frame per line.
-// Text after ' # ' is the frame's caption; [NC] marks a frame without the character.
+// One character: who the story is about, then one frame per line.
+// Text after ' # ' is a caption; [NC] marks a frame without the character.
 a small red fox with a white-tipped tail | fox
 waking up in a burrow under an old oak # Morning
 trotting through fresh snow between birch trees
@@ -17,8 +17,8 @@ curled up asleep beside the oak as stars come out # Night
 """
 
 NAMED_CHARACTERS = """\
-// Several named characters: 'Name: description' lines, a '---' line, then frames tagged with their names.
-// Type '[' in a frame line to pick a name. Frames share attention only with frames that have a character in common.
+// Named characters: 'Name: description' lines, '---', then tagged frames.
+// Type '[' in a frame line to pick a name; [NC]: no character.
 Mira: a young woman with short silver hair, green raincoat | woman, hair, raincoat
 Tomo: an elderly man with a grey beard and round glasses, brown cardigan | man, beard, glasses, cardigan
 Pip: a small orange robot with one round blue eye | robot, eye
@@ -33,9 +33,9 @@ Pip: a small orange robot with one round blue eye | robot, eye
 """
 
 LONG_STORY = """\
-// A long story: 16 frames. Set 'Frames per batch' to 4 to draw it in four batches; with StoryDiffusion or
-// StorySync the first batch then writes the reference bank the later batches read. With 1Prompt1Story the
-// frames no longer fit one prompt and each frame gets a window of the frames after it.
+// 16 frames: too long for one prompt, so 1Prompt1Story gives each frame
+// a window. With 'Frames per batch' at 4 and StoryDiffusion or StorySync,
+// the first batch writes the reference bank the later batches read.
 Ada: a lighthouse keeper, a woman in a yellow oilskin coat and a knitted blue hat | woman, coat, hat
 Bolt: a scruffy black-and-white sheepdog | sheepdog
 ---

@@ -116,7 +116,7 @@ STYLE = """<style>
 .cs-preview tr.cs-frame[data-line]{cursor:pointer}
 .cs-preview tr.cs-frame:hover td{background:var(--background-fill-secondary)}
 .cs-preview tr.cs-selected td{outline:1px solid var(--color-accent,#f97316);outline-offset:-1px}
-.cs-preview .cs-prompt{font-family:var(--font-mono,monospace);word-break:break-word;min-width:16em}
+.cs-preview .cs-prompt{word-break:break-word;min-width:14em}
 .cs-preview .cs-dim{color:var(--body-text-color-subdued)}
 </style>"""
 
@@ -206,7 +206,16 @@ def _panel(text: str, status: str, table: str) -> str:
 
 
 def _numbers(values: Sequence[int]) -> str:
-    return ", ".join(str(v) for v in values) if values else '<span class="cs-dim">none</span>'
+    """Frame numbers with consecutive runs joined: (1, 2, 3, 5, 9, 10) -> "1-3, 5, 9-10"."""
+    if not values:
+        return '<span class="cs-dim">none</span>'
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
 
 
 def _table(rows: Sequence[FramePreview], settings: Settings, seed: int | None) -> str:

@@ -182,7 +182,8 @@ def test_panel_status_shows_counts_budget_and_errors_with_their_line():
     one = preview_panel({"story": "a fox\nsits"}, "", 1, WORDS)
     assert "setting &#x27;Consolidate the story into one prompt&#x27;: 1Prompt1Story consolidation needs" in one
     assert preview_panel({"story": "  \n"}, "", 1, WORDS) == ""
-    assert "setting &#x27;Most frames per prompt window&#x27;: 0 is out of range" in preview_panel({"story": story, "window": 0}, "", 1, WORDS)
+    assert "setting &#x27;Most frames per prompt window&#x27;: 0 is out of range" in \
+        preview_panel({"story": story, "window": 0}, "", 1, WORDS)
     assert "setting &#x27;colour&#x27;: unknown key" in preview_panel({"story": story, "colour": 1}, "", 1, WORDS)
 
 
