@@ -100,8 +100,9 @@ def build_ui(script: Any, is_img2img: bool) -> list:
     # API's throwaway ui() call would not have). Settings with fixed values (checkboxes, sliders, dropdowns) update
     # it on their own change.
     inputs = [controls[k] for k in option_keys()] + [host]
-    # gradio hands the js function the inputs' and the outputs' values; gradio 4 warns when more than the inputs
-    # come back ("Too many arguments provided for the endpoint"), so only the inputs are returned.
+    # gradio hands the js function the inputs' and the outputs' values and sends what it returns to the server as
+    # the inputs: only the inputs are returned. (gradio 4.40's client logs "Too many arguments provided for the
+    # endpoint" for every event with inputs fired from the page, the WebUI's own token counter included.)
     preview_event = dict(fn=update_preview, inputs=inputs, outputs=[preview], show_progress=False,
                          _js=f"(...a) => consistentStoryHostArgs('{_tab(is_img2img)}', a).slice(0, {len(inputs)})")
     refresh.click(**preview_event)
