@@ -142,6 +142,10 @@ def test_typing_a_story_with_completion_and_the_preview_follows(page):
     box.press("Backspace")
     box.type("[Bob] [Al] fly the kite together\n" + TYPED[5])
     assert box.input_value() == "\n".join(TYPED)
+    box.press("Alt+ArrowUp")  # the last line moves up one; one undo step puts it back
+    assert box.input_value() == "\n".join(TYPED[:4] + [TYPED[5], TYPED[4]])
+    box.press("Control+z")
+    assert box.input_value() == "\n".join(TYPED)
     page.fill("#txt2img_prompt textarea", STYLE)
     page.fill("#txt2img_seed input", str(SEED))
     rows = wait_rows(page, 3, str(SEED))
@@ -164,7 +168,7 @@ def test_generated_images_carry_the_prompts_and_seeds_the_preview_showed(page):
                             ("#txt2img_steps input[type=number]", "2")):
         page.fill(selector, value)
         page.press(selector, "Tab")
-    page.click("#txt2img_generate")
+    story_box(page).press("Control+Enter")  # the WebUI's own shortcut, from the story box
     page.wait_for_function("""n => { const t = document.querySelector('#generation_info_txt2img textarea');
         try { return JSON.parse(t.value).all_prompts.length === n; } catch (e) { return false; } }""",
                            arg=len(rows), timeout=900_000)
