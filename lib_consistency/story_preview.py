@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from .consistent_self_attention import frames_share
 from .settings import Settings, SettingsError, option, option_keys
-from .story import SHORTHAND_CHARACTER, StoryError, parse_story
+from .story import SHORTHAND_CHARACTER, StoryError
 from .story_run import (StoryRunPlan, plan_consolidation, plan_story_run, storysync_references,
                         without_extra_networks)
 from .token_plan import CHUNK_CONTENT_TOKENS, TokenBudgetError, TokenPlan, Tokenizer, verify_token_plan
@@ -69,16 +69,20 @@ def sources(settings: Settings, plan: StoryRunPlan, frame: int) -> tuple[int, ..
 def preview_story(settings: Settings, style: str, seed: int, tokenize: Tokenizer | None = None) -> list[FramePreview]:
     """The frames of ``settings.story`` with ``style`` (the prompt box) and ``seed`` (already fixed, not -1).
     ``tokenize``: the checkpoint's CLIP-L tokenizer, for the token columns (None leaves them empty)."""
-    return preview_plan(settings, style, seed, tokenize)[0]
-
-
-def preview_plan(settings: Settings, style: str, seed: int,
-                 tokenize: Tokenizer | None = None) -> tuple[list[FramePreview], TokenPlan | None]:
-    """``preview_story`` and the consolidation's token plan (None without consolidation or tokenizer)."""
     plan = plan_story_run(settings, style, seed)
-    token_plan = None
-    if settings.consolidate and tokenize is not None:
-        token_plan = plan_consolidation(settings, plan.story, without_extra_networks(plan.style), tokenize)
+    return frame_rows(settings, plan, tokenize, consolidation_plan(settings, plan, tokenize))
+
+
+def consolidation_plan(settings: Settings, plan: StoryRunPlan, tokenize: Tokenizer | None) -> TokenPlan | None:
+    """The consolidated prompts' token plan (None without consolidation or tokenizer); TokenBudgetError."""
+    if not settings.consolidate or tokenize is None:
+        return None
+    return plan_consolidation(settings, plan.story, without_extra_networks(plan.style), tokenize)
+
+
+def frame_rows(settings: Settings, plan: StoryRunPlan, tokenize: Tokenizer | None = None,
+               token_plan: TokenPlan | None = None) -> list[FramePreview]:
+    """One row per frame of ``plan``; the token columns need ``tokenize`` (and ``token_plan`` with consolidation)."""
     if settings.masked_sharing:
         references = storysync_references(settings, plan) or ()
     else:
@@ -88,7 +92,7 @@ def preview_plan(settings: Settings, style: str, seed: int,
         count = limit = None
         if token_plan is not None:  # its image is encoded from its consolidated prompt (or window): one chunk
             count, limit = token_plan.frames[i].eot_start - 1, CHUNK_CONTENT_TOKENS
-        elif tokenize is not None:  # its own prompt, in as many 75-token chunks as the host needs
+        elif tokenize is not None and not settings.consolidate:  # its own prompt, in as many 75-token chunks
             count = len(tokenize(without_extra_networks(plan.frame_prompts[i])))
             limit = CHUNK_CONTENT_TOKENS * max(1, math.ceil(count / CHUNK_CONTENT_TOKENS))
         rows.append(FramePreview(
@@ -99,7 +103,7 @@ def preview_plan(settings: Settings, style: str, seed: int,
             tokens=token_plan.frame_tokens[i] if token_plan else None,
             window=tuple(f + 1 for f in token_plan.frames[i].frames) if token_plan else None,
             count=count, limit=limit))
-    return rows, token_plan
+    return rows
 
 
 # --- the accordion's HTML (javascript/story_editor.js reads the data-* attributes) ---------------------------------
@@ -154,40 +158,38 @@ def preview_panel(args: Sequence[Any] | Mapping[str, Any], style: str, seed: Any
     base = seed_of(seed)
     try:
         settings = Settings.from_dict(args) if isinstance(args, Mapping) else Settings.from_args(args)
-        rows = preview_story(settings, style, base or 0)
+        plan = plan_story_run(settings, style, base or 0)
     except StoryError as e:
         return _panel(text, _status(str(e), error=True, line=e.line), "")
     except SettingsError as e:
         label = option(e.field).label if e.field in option_keys() else e.field
         return _panel(text, _status(f"setting '{label}': {str(e).split(': ', 1)[-1]}", error=True), "")
-    summary, status = _summary(settings, rows), None
+    summary, status, rows = _summary(plan), None, None
     if tokenizers:
         try:
-            counted, token_plan = preview_plan(settings, style, base or 0, tokenizers[0][1])
+            token_plan = consolidation_plan(settings, plan, tokenizers[0][1])
             if token_plan is not None:
                 for name, tokenize in tokenizers:
                     verify_token_plan(token_plan, tokenize, name)
                 summary += "; " + token_plan.budget_line()
-            rows = counted
-        except TokenBudgetError as e:
-            line = rows[e.frame].line if e.frame is not None and e.frame < len(rows) else None
+            rows = frame_rows(settings, plan, tokenizers[0][1], token_plan)
+        except TokenBudgetError as e:  # the rows stay, without token columns
+            line = plan.story.frames[e.frame].line if e.frame is not None and e.frame < plan.frame_count else None
             status = _status(f"{summary}; {e}", error=True, line=line)
     elif settings.consolidate:
         summary += "; token counts appear once a model is loaded"
-    table = _table(rows, settings, base)
-    return _panel(text, status or _status(summary), table)
+    rows = rows or frame_rows(settings, plan)
+    return _panel(text, status or _status(summary), _table(rows, settings, base))
 
 
-def _summary(settings: Settings, rows: Sequence[FramePreview]) -> str:
-    story = parse_story(settings.story)
-    line = f"{len(rows)} frame{'s' * (len(rows) != 1)}"
+def _summary(plan: StoryRunPlan) -> str:
+    story, count = plan.story, plan.frame_count
+    line = f"{count} frame{'s' * (count != 1)}"
     if not story.shorthand:
         line += f", {len(story.characters)} character{'s' * (len(story.characters) != 1)}"
-    batches = max(r.batch for r in rows)
-    if batches > 1:
-        size = sum(r.batch == 1 for r in rows)
-        line += f", {batches} batches of {size}"
-        references = [r.number for r in rows if r.reference]
+    if plan.batch_count > 1:
+        line += f", {plan.batch_count} batches of {plan.batch_size}"
+        references = [f + 1 for f in plan.reference_frames]
         if references:
             line += f" (frames {references[0]}-{references[-1]} write the reference bank)" if len(references) > 1 \
                 else f" (frame {references[0]} writes the reference bank)"
