@@ -21,12 +21,13 @@ from typing import Iterable
 
 from PIL import Image
 
+from ..settings import infotext_key
 from ..story import StoryError, parse_story
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CONTACT_SHEET_KEY = "consistent-story-contact-sheet"  # text chunk marking our own contact sheets (never scored)
-STORY_TEXT_KEY = "Story Text"
-STORY_SEED_MODE_KEY = "Story Seed mode"
+STORY_TEXT_KEY = infotext_key("story")
+STORY_SEED_MODE_KEY = infotext_key("seed_mode")
 OTHER_IMAGES = {".jpg", ".jpeg", ".webp", ".avif", ".gif", ".bmp", ".tif", ".tiff"}
 PER_IMAGE_KEYS = {"Seed", "Variation seed", "Hires prompt", "Hires negative prompt"}  # differ between frames
 # Same pattern as the WebUIs' parser: a key of word characters, spaces, '-' or '/', then a quoted or plain value.

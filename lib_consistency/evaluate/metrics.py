@@ -15,9 +15,10 @@ from typing import Sequence
 
 import torch
 
+from ..story_run import without_extra_networks
+
 CLIP_T_PREFIX = "A photo depicts "
 CLIP_T_WEIGHT = 2.5
-_EXTRA_NETWORK = re.compile(r"<\w+:[^>]+>")
 _WEIGHTED = re.compile(r"\(([^()]*?):\s*-?\d+(?:\.\d+)?\)")
 
 
@@ -52,7 +53,7 @@ def mean_pair_distance(embeddings: torch.Tensor) -> float:
 def clip_t_text(prompt: str) -> str:
     """The text CLIP-T reads: the recipe's prefix, then the prompt without the WebUI's prompt syntax (extra-network
     tags such as ``<lora:x:1>``, ``(words:1.2)`` weights, ``BREAK``), which CLIP never saw as words."""
-    text = _EXTRA_NETWORK.sub(" ", prompt)
+    text = without_extra_networks(prompt)
     text = _WEIGHTED.sub(r"\1", text).replace("BREAK", " ")
     return CLIP_T_PREFIX + " ".join(text.split())
 
