@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import pathlib
 import re
 import sys
-import tempfile
 from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
+from ..atomic_file import write_atomically
 from .infotext import CONTACT_SHEET_KEY, StoryImages
 from .scoring import Overall, StoryScores
 
@@ -26,16 +25,8 @@ HEADER = ("story", "frames", "CLIP-T", "CLIP-I", "DreamSim")
 
 
 def atomic_write(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
+    """``write_atomically``, creating the output folder when needed."""
+    write_atomically(path, data, make_folder=True)
 
 
 def fmt(value: float | None) -> str:

@@ -14,18 +14,17 @@ The codec is our own (``safetensors_codec.py``); its format errors surface here 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from ..atomic_file import write_atomically
 from . import safetensors_codec as codec
 from .safetensors_codec import DTYPE_NAMES, DTYPES, MAX_HEADER_BYTES, is_int  # noqa: F401  (part re-exported)
 
@@ -191,22 +190,9 @@ def save_character(path: str | os.PathLike, character: Character) -> None:
     except ValueError as exc:
         raise CharacterFileError(path, f"not saved: {exc}") from None
     try:
-        handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        write_atomically(path, blob)
     except OSError as exc:  # e.g. a missing or read-only folder
         raise CharacterFileError(path, f"cannot write: {exc}") from exc
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(blob)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temp, 0o644)  # mkstemp creates 0600
-        os.replace(temp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        if isinstance(exc, OSError):
-            raise CharacterFileError(path, f"cannot write: {exc}") from exc
-        raise
 
 
 def _text(metadata: Mapping[str, str], name: str) -> str:
