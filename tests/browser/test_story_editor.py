@@ -18,11 +18,9 @@ import threading
 import pytest
 
 from lib_consistency.story_preview import preview_panel, story_hash
+from tests.browser import CHROMIUM, CHROMIUM_ARGS as ARGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-CHROMIUM = os.environ.get("CONSISTENT_STORY_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 try:
     from playwright.sync_api import sync_playwright
 except ImportError:  # pragma: no cover - depends on the machine

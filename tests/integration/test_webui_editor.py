@@ -18,17 +18,15 @@ import pytest
 from lib_consistency.settings import Settings
 from lib_consistency.story_examples import EXAMPLES
 from lib_consistency.story_preview import preview_story
+from tests.browser import CHROMIUM, CHROMIUM_ARGS as ARGS
 
 URL = os.environ.get("CONSISTENT_STORY_WEBUI_URL", "").rstrip("/")
-CHROMIUM = os.environ.get("CONSISTENT_STORY_CHROMIUM", "/usr/bin/chromium")
 SHOTS = os.environ.get("CONSISTENT_STORY_SCREENSHOTS", "")
 pytestmark = pytest.mark.skipif(not URL or not os.path.exists(CHROMIUM),
                                 reason="set CONSISTENT_STORY_WEBUI_URL to a running WebUI (and have chromium)")
 sync_api = pytest.importorskip("playwright.sync_api") if URL else None
 
 P = "#script_txt2img_consistent_story_"
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 TYPED = ["Bob: a tall man in a red coat", "Al: a small boy with a blue kite", "---",
          "[Bob] walks along the beach # Morning", "[Bob] [Al] fly the kite together", "[NC] gulls over the waves"]
 STYLE, SEED = "watercolor", 1234
