@@ -27,6 +27,7 @@ from .consistent_self_attention import (ContextGroup, CsaSettings, LayerAddress,
                                         attend_in_groups, contexts_with_row_extras, in_batch_contexts,
                                         layer_is_selected, layer_key, plan_in_batch_sharing, sample_token_indices,
                                         sampled_token_count, share_at_step, stable_seed)
+from .reach import CSA, Reach
 from .reference_bank import ReferenceBank, read_extras, write_reference_rows
 from .row_layout import UNKNOWN_LAYOUT, RowLayout, token_grid
 
@@ -129,8 +130,11 @@ class ConsistencyState:
 class InstanceForwardHook:
     """Base of our instance-level ``forward`` wrappers: symmetric install/remove, pass-through once retired.
 
-    Subclasses implement ``__call__`` and call ``_inner_forward`` for the computation they leave to the host.
+    Subclasses implement ``__call__``, start it with ``self._entered()`` and call ``_inner_forward`` for the computation
+    they leave to the host. ``reach`` (set by ``install_hooks``) learns that the hook ran (``reach.py``).
     """
+
+    surfaces: tuple[str, ...] = ()  # the reach.py surfaces this hook carries
 
     def __init__(self, module: torch.nn.Module, layer: LayerAddress, state: object,
                  context_kwarg: str = "context") -> None:
@@ -140,6 +144,12 @@ class InstanceForwardHook:
         self.context_kwarg = context_kwarg  # "context" (ldm/sgm) or "encoder_hidden_states" (diffusers)
         self.retired = False  # True once removed: a retired hook only ever passes through
         self._previous = None  # the instance forward that was there before us, if any
+        self.reach = None  # a ``Reach`` told of every call while installed, if the host checks it
+
+    def _entered(self) -> None:
+        if self.reach is not None and not self.retired:
+            for surface in self.surfaces:
+                self.reach.hit(surface, self.layer)
 
     def install(self) -> None:
         current = self.module.__dict__.get("forward")
@@ -171,8 +181,10 @@ class ConsistentSelfAttentionHook(InstanceForwardHook):
     """Instance-level ``forward`` of one self-attention module that applies CSA through ``state``."""
 
     state: ConsistencyState
+    surfaces = (CSA,)
 
     def __call__(self, hidden: torch.Tensor, *args, **kwargs):
+        self._entered()
         if self.retired or args or kwargs.get(self.context_kwarg) is not None or hidden.dim() != 3 or any(
                 isinstance(value, torch.Tensor) for value in kwargs.values()):
             return self._inner_forward(hidden, *args, **kwargs)  # not a plain self-attention call
@@ -203,15 +215,16 @@ def ldm_layer_address(module_name: str, kind: str = "attn1") -> LayerAddress | N
 
 
 def install_hooks(layers: Iterable[tuple[LayerAddress, torch.nn.Module]], state: object,
-                  context_kwarg: str = "context",
-                  hook_class: type[InstanceForwardHook] | None = None) -> list[InstanceForwardHook]:
+                  context_kwarg: str = "context", hook_class: type[InstanceForwardHook] | None = None,
+                  reach: Reach | None = None) -> list[InstanceForwardHook]:
     """Hook every given module (CSA on attn1 by default); on an error, the hooks installed so far are removed
-    before re-raising."""
+    before re-raising. ``reach``: told of every call of the hooks (the host's check that the methods ran)."""
     hook_class = hook_class or ConsistentSelfAttentionHook
     hooks: list[InstanceForwardHook] = []
     try:
         for layer, module in layers:
             hook = hook_class(module, layer, state, context_kwarg)
+            hook.reach = reach
             hook.install()
             hooks.append(hook)
     except Exception:

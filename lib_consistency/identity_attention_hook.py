@@ -27,6 +27,7 @@ from .attention_hooks import InstanceForwardHook, install_hooks
 from .consistent_self_attention import LayerAddress, StepKey, layer_key, stable_seed
 from .identity_cross_attention import (CHUNK, append_identity_tokens, attention_with_bias, identity_columns,
                                       identity_logit_bias)
+from .reach import IPCA, Reach
 from .row_layout import UNKNOWN_LAYOUT, Role, RowLayout
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,10 @@ class IdentityCrossAttentionHook(InstanceForwardHook):
     """Instance-level ``forward`` of one cross-attention module applying IPCA to the cond rows."""
 
     state: IdentityAttentionState
+    surfaces = (IPCA,)
 
     def __call__(self, hidden: torch.Tensor, *args, **kwargs):
+        self._entered()
         state, context = self.state, kwargs.get(self.context_kwarg)
         if (self.retired or state.closed or args or context is None or hidden.dim() != 3
                 or not state.layout.matches(hidden.shape[0]) or context.shape[0] != hidden.shape[0]
@@ -139,6 +142,6 @@ class IdentityCrossAttentionHook(InstanceForwardHook):
 
 
 def install_identity_hooks(layers: Iterable[tuple[LayerAddress, torch.nn.Module]], state: IdentityAttentionState,
-                           context_kwarg: str = "context") -> list[InstanceForwardHook]:
+                           context_kwarg: str = "context", reach: Reach | None = None) -> list[InstanceForwardHook]:
     """Hook every given attn2 module; on an error the hooks installed so far are removed before re-raising."""
-    return install_hooks(layers, state, context_kwarg, IdentityCrossAttentionHook)
+    return install_hooks(layers, state, context_kwarg, IdentityCrossAttentionHook, reach)

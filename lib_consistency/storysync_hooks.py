@@ -16,6 +16,7 @@ import torch
 from .async_index import index_tensor
 from .attention_hooks import InstanceForwardHook, install_hooks, remove_hooks
 from .consistent_self_attention import LayerAddress
+from .reach import HARMONIZATION, SHARING, SUBJECT_MAPS, Reach
 from .story_sync import StorySyncState
 
 
@@ -27,8 +28,10 @@ class SubjectMapHook(InstanceForwardHook):
     """attn2: adds the cond rows' subject maps of the mask layers to the state, then attends as before."""
 
     state: StorySyncState
+    surfaces = (SUBJECT_MAPS,)
 
     def __call__(self, hidden: torch.Tensor, *args, **kwargs):
+        self._entered()
         context = kwargs.get(self.context_kwarg)
         state = self.state
         if not (self.retired or args or context is None or hidden.dim() != 3 or context.shape[0] != hidden.shape[0]
@@ -47,8 +50,10 @@ class StorySyncSelfAttentionHook(InstanceForwardHook):
     """attn1: ``StorySyncState.self_attention`` (input side) then ``harmonize_output`` (RFH)."""
 
     state: StorySyncState
+    surfaces = (SHARING, HARMONIZATION)
 
     def __call__(self, hidden: torch.Tensor, *args, **kwargs):
+        self._entered()
         if self.retired or args or kwargs.get(self.context_kwarg) is not None or hidden.dim() != 3 \
                 or _has_tensor_kwargs(kwargs, self.context_kwarg):
             return self._inner_forward(hidden, *args, **kwargs)  # not a plain self-attention call
@@ -64,11 +69,11 @@ class StorySyncSelfAttentionHook(InstanceForwardHook):
 
 def install_storysync_hooks(attn1: Iterable[tuple[LayerAddress, torch.nn.Module]],
                             attn2: Iterable[tuple[LayerAddress, torch.nn.Module]], state: StorySyncState,
-                            context_kwarg: str = "context") -> list[InstanceForwardHook]:
+                            context_kwarg: str = "context", reach: Reach | None = None) -> list[InstanceForwardHook]:
     """Hook the self- and cross-attention modules; on an error the hooks installed so far are removed."""
-    hooks = install_hooks(attn2, state, context_kwarg, SubjectMapHook)
+    hooks = install_hooks(attn2, state, context_kwarg, SubjectMapHook, reach)
     try:
-        hooks += install_hooks(attn1, state, context_kwarg, StorySyncSelfAttentionHook)
+        hooks += install_hooks(attn1, state, context_kwarg, StorySyncSelfAttentionHook, reach)
     except Exception:
         remove_hooks(hooks)
         raise

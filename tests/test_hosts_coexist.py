@@ -326,13 +326,15 @@ def test_forge_controlnet_per_image_inputs_in_a_story_of_several_batches_are_ref
     """Forge's built-in ControlNet aligns a unit's inputs to the rows of a batch (``control_cond`` [B, ...]) and
     starts again in every batch; one image gives identical rows and poses every frame."""
     pipeline, model, _ = host
-    model.forge_objects = types.SimpleNamespace()  # what makes the adapter take the Forge path
+    # what makes the adapter take the Forge path; its UNet patcher's model is the toy's (no patches: this stand-in
+    # calls no process_before_every_sampling, so the story asks for no attention method)
+    model.forge_objects = types.SimpleNamespace(unet=types.SimpleNamespace(model=model.model))
     cond = torch.arange(2.0)[:, None, None, None].expand(2, 3, 4, 4) if per_image else torch.ones(2, 3, 4, 4)
     script = types.SimpleNamespace(title=lambda: "ControlNet",
                                    current_params={0: types.SimpleNamespace(control_cond=cond)})
     p = ToyProcessing(model)
     p.scripts = types.SimpleNamespace(alwayson_scripts=[script])
-    pipeline.before_process(p, args_for(story="a fox\nruns\nsleeps\nsits", frames_per_batch=2))
+    pipeline.before_process(p, args_for(story="a fox\nruns\nsleeps\nsits", frames_per_batch=2, ipca=False))
     if per_image:
         with pytest.raises(RuntimeError, match="Forge's ControlNet starts again at its first image in every batch"):
             p.run_batches(pipeline.on_cfg_denoiser)
@@ -342,5 +344,5 @@ def test_forge_controlnet_per_image_inputs_in_a_story_of_several_batches_are_ref
         assert len(p.seen_conds) == 2 * p.steps
     one_batch = ToyProcessing(model)
     one_batch.scripts = p.scripts
-    pipeline.before_process(one_batch, args_for(story="a fox\nruns\nsleeps"))
+    pipeline.before_process(one_batch, args_for(story="a fox\nruns\nsleeps", ipca=False))
     one_batch.run_batches(pipeline.on_cfg_denoiser)  # one batch: row i takes input i, as the frames do

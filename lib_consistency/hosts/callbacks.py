@@ -4,21 +4,32 @@ from __future__ import annotations
 from modules import shared
 
 from . import pipeline
+from .guard import kept
 from .oneactor import create as oneactor_create, generation as oneactor
 
 
+def _p(params):
+    return getattr(getattr(params, "denoiser", None), "p", None)
+
+
+# The hosts only log an exception from a callback and sample on: each part's error is kept and raised at the next
+# UNet call, or from p.sample after the last one (guard.py).
 def on_cfg_denoiser(params) -> None:
-    pipeline.on_cfg_denoiser(params)  # first: the story's own conds, which OneActor's offsets then act on
-    oneactor.on_cfg_denoiser(params)
+    with kept(_p(params), "the story's conditioning for this step (on_cfg_denoiser)"):
+        pipeline.on_cfg_denoiser(params)  # first: the story's own conds, which OneActor's offsets then act on
+    with kept(_p(params), "OneActor's character offsets for this step (on_cfg_denoiser)"):
+        oneactor.on_cfg_denoiser(params)
     oneactor_create.on_cfg_denoiser(params)  # a character's base images: the rows of this step
 
 
 def on_cfg_denoised(params) -> None:
-    oneactor.on_cfg_denoised(params)
+    with kept(_p(params), "OneActor's cluster guidance (on_cfg_denoised)"):
+        oneactor.on_cfg_denoised(params)
 
 
 def on_cfg_after_cfg(params) -> None:
-    oneactor.on_cfg_after_cfg(params)
+    with kept(_p(params), "OneActor's cluster guidance (on_cfg_after_cfg)"):
+        oneactor.on_cfg_after_cfg(params)
 
 
 def on_import() -> None:

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..async_index import index_tensor
 from ..identity_attention_hook import dropout_bias
 from ..identity_cross_attention import append_identity_tokens
+from ..reach import CSA, HARMONIZATION, IPCA, SHARING, SUBJECT_MAPS, Reach
 from ..row_layout import Role, RowLayout, forge_row_layout
 
 Attention = Callable[..., torch.Tensor]  # attention_function(q, k, v, heads, mask=None) on [R, T, heads·d]
@@ -41,12 +42,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ForgeRunState:
-    """What the patches of one sampling call need: the CSA, IPCA and StorySync states and this batch's first
-    frame."""
+    """What the patches of one sampling call need: the CSA, IPCA and StorySync states, this batch's first frame, and
+    the ``Reach`` each patch tells that it ran (the pipeline's guard checks it after every UNet call)."""
     csa: Any
     ipca: Any
     frame_offset: int
     storysync: Any = None
+    reach: Reach | None = None
+
+    def entered(self, surface: str, extra_options: dict) -> None:
+        if self.reach is not None:
+            self.reach.hit(surface, _layer(extra_options))
 
     def __deepcopy__(self, memo: dict) -> "ForgeRunState":
         return self  # a handle: every clone() deep-copies model_options, and all clones must share the live state
@@ -126,7 +132,8 @@ def _in_groups(attention: Attention, heads: int, q, k, v, groups: list) -> torch
     return out
 
 
-def _replace_patch(method: str, groups_for: Callable, attention: Attention, foreign: Patch | None = None):
+def _replace_patch(method: str, surface: str, groups_for: Callable, attention: Attention,
+                   foreign: Patch | None = None):
     """A replace patch ``(q, k, v, extra_options) -> out``: reads the run state and the rows of this call, asks
     ``groups_for(state, q, k, v, extra_options, layout, layer)`` for row groups; None means the plain call
     (``foreign``, another extension's patch on this block, if any)."""
@@ -137,6 +144,7 @@ def _replace_patch(method: str, groups_for: Callable, attention: Attention, fore
         state = None if run is None else getattr(run, method)
         if state is None:
             return plain(q, k, v, extra_options)
+        run.entered(surface, extra_options)
         layout = _layout(extra_options, q.shape[0], run.frame_offset)
         groups = groups_for(state, q, k, v, extra_options, layout, _layer(extra_options))
         if not groups:
@@ -172,12 +180,14 @@ def _ipca_groups(state, q, k, v, extra_options, layout, layer):
     return [(cond, k_cond, v_cond, bias)]
 
 
-def _storysync_rows(run, extra_options: dict, rows: int):
-    """The StorySync state with this call's rows set, and the layer; (None, None) when StorySync is not on."""
+def _storysync_rows(run, extra_options: dict, rows: int, surface: str):
+    """The StorySync state with this call's rows set, and the layer; (None, None) when StorySync is not on.
+    Tells the run's reach that ``surface`` ran."""
     state = None if run is None else run.storysync
     layer = _layer(extra_options)
     if state is None or layer is None:
         return None, None
+    run.entered(surface, extra_options)
     shape = extra_options.get("original_shape")
     state.set_rows(_layout(extra_options, rows, run.frame_offset), tuple(shape[-2:]) if shape is not None else None)
     return state, layer
@@ -191,7 +201,7 @@ def storysync_replace(attention: Attention, foreign: Patch | None = None):
 
     def patch(q, k, v, extra_options):
         heads = extra_options["n_heads"]
-        state, layer = _storysync_rows(extra_options.get(TRANSFORMER_OPTION), extra_options, q.shape[0])
+        state, layer = _storysync_rows(extra_options.get(TRANSFORMER_OPTION), extra_options, q.shape[0], SHARING)
         if state is None:
             return plain(q, k, v, extra_options)
         width = q.shape[-1]
@@ -208,14 +218,16 @@ def storysync_replace(attention: Attention, foreign: Patch | None = None):
 
 def storysync_output_patch(out, extra_options):
     """attn1 output patch (after ``to_out``, before the residual): StorySync's RFH."""
-    state, layer = _storysync_rows(extra_options.get(TRANSFORMER_OPTION), extra_options, out.shape[0])
+    state, layer = _storysync_rows(extra_options.get(TRANSFORMER_OPTION), extra_options, out.shape[0],
+                                   HARMONIZATION)
     return out if state is None else state.harmonize_output(layer, out)
 
 
 def with_subject_maps(patch):
     """attn2 replace patch that first adds the cond rows' subject maps (StorySync masks), then runs ``patch``."""
     def wrapped(q, k, v, extra_options):
-        state, layer = _storysync_rows(extra_options.get(TRANSFORMER_OPTION), extra_options, q.shape[0])
+        state, layer = _storysync_rows(extra_options.get(TRANSFORMER_OPTION), extra_options, q.shape[0],
+                                       SUBJECT_MAPS)
         if state is not None and state.wants_maps(layer, q.shape[0], q.shape[1]):
             rows = state.cond_rows()
             index = index_tensor(rows, q.device)
@@ -226,30 +238,52 @@ def with_subject_maps(patch):
 
 def csa_replace(attention: Attention, foreign: Patch | None = None):
     """attn1 replace patch applying consistent self-attention (the run's ``ConsistencyState``)."""
-    return _replace_patch("csa", _csa_groups, attention, foreign)
+    return _replace_patch("csa", CSA, _csa_groups, attention, foreign)
 
 
 def ipca_replace(attention: Attention, foreign: Patch | None = None):
     """attn2 replace patch applying IPCA to the cond rows of the call (the run's ``IdentityAttentionState``)."""
-    return _replace_patch("ipca", _ipca_groups, attention, foreign)
+    return _replace_patch("ipca", IPCA, _ipca_groups, attention, foreign)
 
 
-def patch_unet(p, generation, attention: Attention) -> None:
-    """Clone the current UNet patcher, register the story's patches, assign it back (idempotent per call)."""
+def reserve_shared_attention_memory(unet, factor: float, latent_shape: Sequence[int] | None) -> str:
+    """Ask the host to keep ``factor`` times the UNet's attention memory free while sampling (shared attention holds
+    up to 1 + r·(B−1) times the keys/values of plain attention; README: Benchmark). Chosen by capability:
+    - Forge: ``set_memory_peak_estimation_modifier`` (``backend/patcher/unet.py``), read by ``sampling_prepare`` in
+      place of ``memory_required(shape)``;
+    - Forge Neo has no modifier; ``sampling_prepare`` adds ``extra_preserved_memory_during_sampling`` (bytes) to
+      ``memory_required([2B, C, H, W])``: the extra bytes for this sampling call's latent ``[B, C, H, W]``.
+    Returns which way was taken; with neither (or Neo without the latent) the host's own estimate stands and a
+    warning says so: the methods still run, only the memory margin is the host's."""
+    if factor <= 1:
+        return "none needed"
+    if hasattr(unet, "set_memory_peak_estimation_modifier"):
+        base = unet.model_options.get("memory_peak_estimation_modifier", unet.memory_required)
+        unet.set_memory_peak_estimation_modifier(lambda shape: base(shape) * factor)
+        return "modifier"
+    if hasattr(unet, "add_extra_preserved_memory_during_sampling") and latent_shape is not None:
+        shape = [2 * int(latent_shape[0])] + [int(n) for n in latent_shape[1:]]
+        unet.add_extra_preserved_memory_during_sampling(int(unet.memory_required(shape) * (factor - 1)))
+        return "preserved"
+    log.warning("Consistent Story: this Forge has no way to reserve memory for the shared attention; sampling "
+                "goes on with the host's own estimate")
+    return "host estimate"
+
+
+def patch_unet(p, generation, attention: Attention, latent_shape: Sequence[int] | None = None) -> None:
+    """Clone the current UNet patcher, register the story's patches, assign it back (idempotent per call).
+    ``latent_shape``: the latent this sampling call starts from (``process_before_every_sampling``'s ``x``)."""
     unet = p.sd_model.forge_objects.unet.clone()
     storysync = getattr(generation, "storysync", None)
     unet.set_transformer_option(TRANSFORMER_OPTION, ForgeRunState(generation.csa, generation.ipca,
                                                                   p.iteration * generation.plan.batch_size,
-                                                                  storysync))
+                                                                  storysync, getattr(generation, "reach", None)))
     if generation.csa is not None or storysync is not None:
         attn1 = storysync_replace if storysync is not None else csa_replace
         for name in set_replace_all(unet, "attn1", lambda foreign: attn1(attention, foreign)):
             log.info("self-attention patch %s kept under ours", name)
         rate = 1.0 if storysync is not None else generation.settings.csa_rate
-        frames = generation.plan.batch_size
-        base = unet.model_options.get("memory_peak_estimation_modifier", unet.memory_required)
-        # Shared attention holds up to 1 + r·(B−1) times the keys/values of plain attention (README: Benchmark).
-        unet.set_memory_peak_estimation_modifier(lambda shape: base(shape) * (1 + rate * (frames - 1)))
+        reserve_shared_attention_memory(unet, 1 + rate * (generation.plan.batch_size - 1), latent_shape)
     if storysync is not None:
         unet.set_model_attn1_output_patch(storysync_output_patch)
     def attn2(foreign: Patch | None) -> Patch:

@@ -28,6 +28,7 @@ from modules import images, processing, sd_unet, shared
 from ..attention_hooks import BankMode, ConsistencyState, install_hooks, ldm_layer_address, remove_stale_hooks
 from ..consistent_self_attention import CsaSettings, StepKey
 from ..identity_attention_hook import IdentityAttentionState, install_identity_hooks
+from ..reach import CSA, HARMONIZATION, IPCA, SHARING, SUBJECT_MAPS, Reach
 from ..reference_bank import ReferenceBank
 from ..row_layout import UNKNOWN_LAYOUT, A1111RowCursor, a1111_step_plan
 from ..settings import Settings
@@ -39,6 +40,7 @@ from .coexist import (check_host_prompts, controlnet_batch_inputs, forge_control
                       with_controlnet_mark)
 from .conditioning import SDXL_POOLED_WIDTH, batch_conditioning
 from .forge import is_forge, patch_unet
+from .guard import SamplingGuard, checked_sampling, sweep, unet_module
 from .prepass import run_vanilla_prepass, wants_prepass
 from .storysync import mask_images, storysync_state
 from .ui import STYLE_INFOTEXT_KEY
@@ -67,6 +69,9 @@ class StoryGeneration:
         self.hooks: list = []
         self.unet_hook_handle = None
         self.sampling = False
+        self.reach = Reach()  # the surfaces the settings ask for; every UNet call must enter them (guard.py)
+        self.guard = SamplingGuard(self.reach)
+        self.postprocess_error: Exception | None = None  # raised from p.close (the host swallows postprocess's)
 
 
 def _unet(p) -> torch.nn.Module:
@@ -92,6 +97,7 @@ def _row_cursor_hook(generation: StoryGeneration):
 def sweep_stale(unet: torch.nn.Module) -> None:
     """Remove hooks a failed or interrupted run left on the UNet (next run's first action, and on unload)."""
     remove_stale_hooks(unet)
+    sweep(unet)
     for key, hook in list(unet._forward_pre_hooks.items()):
         if getattr(hook, "consistent_story_row_cursor", False):
             del unet._forward_pre_hooks[key]
@@ -126,8 +132,8 @@ def refusal(p, settings: Settings) -> str | None:
 
 
 def before_process(p, args: Sequence[Any]) -> None:
-    unet = getattr(getattr(p.sd_model, "model", None), "diffusion_model", None)
-    if unet is not None:  # A1111 (Forge's UNet lives in its patcher; before the first load there is none)
+    unet = unet_module(p.sd_model)
+    if unet is not None:  # before the first load (Forge) there is none
         sweep_stale(unet)
     if getattr(p, "_ad_inner", False) or getattr(p, "txt2img_upscale", False) or hasattr(p, RUN_ATTRIBUTE):
         return  # nested or repeated run: the outer job owns the story
@@ -216,8 +222,33 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
                     state.close()
         finally:
             original_close()
+        if generation.postprocess_error is not None:  # the frames are made; the storyboard or masks are not
+            error, generation.postprocess_error = generation.postprocess_error, None
+            raise error
 
-    p.sample, p.close = sample, close
+    p.sample, p.close = checked_sampling(p, sample), close  # errors kept from swallowing hooks: raised (guard.py)
+
+
+def _attention_layers(unet: torch.nn.Module, kind: str) -> list:
+    """(layer address, module) of every ``kind`` (attn1 / attn2) attention module of an ldm-named UNet."""
+    return [(a, m) for n, m in unet.named_modules() if (a := ldm_layer_address(n, kind))]
+
+
+def _want(generation: StoryGeneration, unet: torch.nn.Module) -> None:
+    """The surfaces the settings ask for, each on every attention layer of its kind (what ``install`` and Forge's
+    ``patch_unet`` put there; the guard checks every UNet call against it)."""
+    settings, reach = generation.settings, generation.reach
+    reach.clear()
+    attn1 = [a for a, _ in _attention_layers(unet, "attn1")]
+    attn2 = [a for a, _ in _attention_layers(unet, "attn2")]
+    if settings.masked_sharing:
+        reach.want(SHARING, attn1)
+        reach.want(HARMONIZATION, attn1)
+        reach.want(SUBJECT_MAPS, attn2)
+    elif settings.csa:
+        reach.want(CSA, attn1)
+    if settings.ipca and settings.consolidate:
+        reach.want(IPCA, attn2)
 
 
 def install(p, generation: StoryGeneration) -> None:
@@ -225,6 +256,7 @@ def install(p, generation: StoryGeneration) -> None:
     settings, plan = generation.settings, generation.plan
     frames = list(plan.batch_frames(p.iteration))
     forge = is_forge(p)
+    reach = generation.reach
     if settings.consolidate:
         generation.conditioning = batch_conditioning(p, generation)
         generation.batch_contexts = torch.stack(generation.conditioning.contexts(frames))
@@ -235,8 +267,8 @@ def install(p, generation: StoryGeneration) -> None:
         generation.ipca = IdentityAttentionState(generation.conditioning.identity_positions(),
                                                  settings.ipca_dropout, plan.seeds[0])
         if not forge:
-            attn2 = [(a, m) for n, m in _unet(p).named_modules() if (a := ldm_layer_address(n, "attn2"))]
-            generation.hooks += install_identity_hooks(attn2, generation.ipca)
+            generation.hooks += install_identity_hooks(_attention_layers(_unet(p), "attn2"), generation.ipca,
+                                                       reach=reach)
     if settings.masked_sharing:
         if generation.storysync is None:
             generation.storysync = storysync_state(p, generation.settings, generation.plan)
@@ -244,10 +276,8 @@ def install(p, generation: StoryGeneration) -> None:
         state.bank_mode = BankMode.OFF if plan.batch_count == 1 or not state.reference_frames else \
             BankMode.WRITE if p.iteration == 0 else BankMode.READ
         if not forge:
-            unet = _unet(p)
-            attn1 = [(a, m) for n, m in unet.named_modules() if (a := ldm_layer_address(n, "attn1"))]
-            attn2 = [(a, m) for n, m in unet.named_modules() if (a := ldm_layer_address(n, "attn2"))]
-            generation.hooks += install_storysync_hooks(attn1, attn2, state)
+            generation.hooks += install_storysync_hooks(_attention_layers(_unet(p), "attn1"),
+                                                        _attention_layers(_unet(p), "attn2"), state, reach=reach)
     elif settings.csa:
         if generation.csa is None:
             generation.csa = ConsistencyState(CsaSettings(settings.csa_rate, settings.csa_schedule,
@@ -257,26 +287,31 @@ def install(p, generation: StoryGeneration) -> None:
         if plan.reference_frames:
             generation.csa.bank_mode = BankMode.WRITE if p.iteration == 0 else BankMode.READ
         if not forge:
-            attn1 = [(a, m) for n, m in _unet(p).named_modules() if (a := ldm_layer_address(n, "attn1"))]
-            generation.hooks += install_hooks(attn1, generation.csa)
+            generation.hooks += install_hooks(_attention_layers(_unet(p), "attn1"), generation.csa, reach=reach)
     if not forge:  # Forge reads the rows from cond_or_uncond in its patches
         generation.unet_hook_handle = _unet(p).register_forward_pre_hook(_row_cursor_hook(generation),
                                                                          with_kwargs=True)
+    unet = unet_module(p.sd_model)
+    _want(generation, unet)
+    generation.guard.install(unet)  # every UNet call of this p.sample (hires and the BLI pre-pass too)
     generation.sampling = True
 
 
-def process_before_every_sampling(p) -> None:
-    """Forge only: register the patches on a fresh clone of the UNet patcher (called again with hires fix)."""
+def process_before_every_sampling(p, latent=None) -> None:
+    """Forge only: register the patches on a fresh clone of the UNet patcher (called again with hires fix and for
+    the BLI pre-pass). ``latent``: the host's ``x`` for this sampling call (Neo's memory reservation reads its
+    shape). The host swallows errors here: the script runs this under ``guard.kept``."""
     generation = getattr(p, RUN_ATTRIBUTE, None)
     if generation is None or not generation.sampling or not is_forge(p):
         return
     from backend.attention import attention_function
-    patch_unet(p, generation, attention_function)
+    patch_unet(p, generation, attention_function, None if latent is None else tuple(latent.shape))
 
 
 def uninstall(p, generation: StoryGeneration) -> None:
-    """Remove everything ``install`` added (symmetric; safe to call twice)."""
+    """Remove everything ``install`` added (symmetric; safe to call twice), and any kept error's one-shot hook."""
     generation.sampling = False
+    generation.guard.remove()
     for hook in reversed(generation.hooks):
         hook.remove()
     generation.hooks = []
@@ -333,10 +368,20 @@ def _uncond_skipped(params) -> bool:
 
 
 def postprocess(p, processed) -> None:
-    """Append the storyboard (after all frames) and end the run."""
+    """Append the storyboard (after all frames) and end the run. The host swallows errors here, so one is kept and
+    raised from ``p.close`` (the frames exist by now; the job still fails with the message)."""
     generation = getattr(p, RUN_ATTRIBUTE, None)
     if generation is None or generation.error is not None:
         return
+    try:
+        _postprocess(p, generation, processed)
+    except Exception as error:
+        generation.postprocess_error = RuntimeError(_message(RuntimeError(
+            f"the storyboard or mask images failed ({type(error).__name__}: {error})")))
+        raise
+
+
+def _postprocess(p, generation: StoryGeneration, processed) -> None:
     uninstall(p, generation)
     if generation.csa is not None:
         generation.csa.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from modules import scripts
 
 from . import pipeline
+from .guard import kept
 from .oneactor import generation as oneactor
 from .ui import build_ui
 
@@ -32,12 +33,17 @@ class ConsistentStoryScript(scripts.Script):
             oneactor.remember_settings(p, None, error)
         pipeline.before_process(p, args)
 
+    # Both Forges only log an exception from here and sample on with the model as it was: kept, raised at the
+    # first UNet call (guard.py).
     def process_before_every_sampling(self, p, *args, **kwargs):
-        pipeline.process_before_every_sampling(p)
-        oneactor.process_before_every_sampling(p)
+        with kept(p, "patching the UNet for the story (process_before_every_sampling)"):
+            pipeline.process_before_every_sampling(p, kwargs.get("x"))
+        with kept(p, "patching the UNet for OneActor (process_before_every_sampling)"):
+            oneactor.process_before_every_sampling(p)
 
     def process(self, p, *args):
-        pipeline.process(p)
+        with kept(p, "preparing the story's prompts (process)"):
+            pipeline.process(p)
 
     def postprocess(self, p, processed, *args):
         pipeline.postprocess(p, processed)

@@ -28,6 +28,7 @@ from ...oneactor.character_file import ARCH_WIDTHS as ARCH_WIDTH, CharacterFileE
 from ...oneactor.inference import CharacterUse, OneActorBatch, OneActorPromptError, base_word_positions
 from ...settings import Settings, SettingsError, infotext_key
 from ..coexist import split_controlnet_mark, with_controlnet_mark
+from ..guard import CHECKED_ATTRIBUTE, checked_sampling, unet_module
 from ..tokenizers import clip_engine, token_items
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,6 @@ def _run(p) -> OneActorRun:
 def architecture(model) -> str | None:
     """"sd15" or "sdxl" (the model flags both hosts set), None for anything else."""
     return "sdxl" if getattr(model, "is_sdxl", False) else "sd15" if getattr(model, "is_sd1", False) else None
-
-
-def unet_module(model) -> torch.nn.Module:
-    """The ldm-style UNet module: A1111 ``model.diffusion_model``; Forge the patcher's ``model.diffusion_model``."""
-    forge = getattr(model, "forge_objects", None)
-    return forge.unet.model.diffusion_model if forge is not None else model.model.diffusion_model
 
 
 def context_width(model) -> int:
@@ -165,6 +160,8 @@ def activate(p) -> None:
     hires = list(getattr(p, "all_hr_prompts", None) or [])[p.iteration * size:(p.iteration + 1) * size]
     if not any(f"<{NETWORK}:" in text for text in first + hires):
         return
+    if not getattr(p, CHECKED_ATTRIBUTE, False):  # errors our swallowed callbacks keep fail the job (guard.py)
+        p.sample = checked_sampling(p, p.sample)
     try:
         if run.settings is None:
             raise run.settings_error or SettingsError("oneactor", "settings unavailable")
@@ -211,6 +208,7 @@ def on_cfg_denoiser(params) -> None:
     if run is None:
         return
     global _current
+    _check_eta2_ran(run, params)
     run.pending = run.correction = None
     _current = run
     batch = _consolidated(p, run, run.hires if getattr(p, "is_hr_pass", False) else run.first)
@@ -229,12 +227,25 @@ def on_cfg_denoiser(params) -> None:
             run.pending = dict(batch=batch, context=average, vector=cond.get("vector") if isinstance(cond, dict)
                                else None, x=params.x[:rows], sigma=params.sigma[:rows],
                                image_cond=params.image_cond[:rows] if params.image_cond is not None else None,
-                               denoiser=params.denoiser)
+                               denoiser=params.denoiser, step=int(params.sampling_step))
         target = with_controlnet_mark(mark, batch.target_context(context))
     if isinstance(cond, dict):  # SDXL DictWithShape: change the key in place, keep the instance
         cond["crossattn"] = target
     else:
         params.text_cond = target
+
+
+def _check_eta2_ran(run: OneActorRun, params) -> None:
+    """The previous step's η2 inputs must have been taken (A1111 ``on_cfg_denoised``, Forge the post-CFG function)
+    by the next step of the same sampling; otherwise the η2 term is missing from the model that samples. (A pre-pass
+    stopped mid-step, or a new pass starting at step 0, leaves them untaken without a gap.)"""
+    pending = run.pending
+    if pending is not None and pending.get("denoiser") is params.denoiser \
+            and int(params.sampling_step) == pending.get("step", -2) + 1:
+        run.pending = None
+        raise RuntimeError(f"OneActor: the cluster guidance (eta2) of step {pending['step'] + 1} did not run: its "
+                           "post-CFG function is missing from the model that samples (another extension replaced "
+                           "it, or this WebUI version calls it differently). Stopped so that no image claims it")
 
 
 def _consolidated(p, run: OneActorRun, batch: OneActorBatch | None) -> OneActorBatch | None:
@@ -301,4 +312,7 @@ def process_before_every_sampling(p) -> None:
     batches = [b for b in (run.first, run.hires) if b is not None]
     if any(b.needs_average for b in batches) and hasattr(p.sd_model, "forge_objects"):
         from ..forge import patch_oneactor
-        patch_oneactor(p, lambda: run.pending)
+        def take():  # the η2 inputs of this step, taken once (_check_eta2_ran knows they were used)
+            pending, run.pending = run.pending, None
+            return pending
+        patch_oneactor(p, take)
