@@ -24,7 +24,8 @@ from typing import Iterator
 
 import torch
 
-from ..reach import Reach
+from ..attention_hooks import ldm_layer_address
+from ..reach import CSA, HARMONIZATION, IPCA, SHARING, SUBJECT_MAPS, Reach
 
 log = logging.getLogger(__name__)
 ERRORS_ATTRIBUTE = "consistent_story_errors"
@@ -121,6 +122,22 @@ def sweep(unet: torch.nn.Module | None) -> None:
             if getattr(hook, MARK, False):
                 del hooks[key]
                 kwargs_flags.pop(key, None)
+
+
+def want_surfaces(reach: Reach, settings, unet: torch.nn.Module) -> None:
+    """The surfaces ``settings`` ask for, each on every attention layer of its kind of the ldm-named ``unet`` (what
+    the pipeline's ``install`` hooks on A1111 and Forge's ``patch_unet`` patches; the same conditions)."""
+    reach.clear()
+    layers = {kind: [a for n, _ in unet.named_modules() if (a := ldm_layer_address(n, kind))]
+              for kind in ("attn1", "attn2")}
+    if settings.masked_sharing:
+        reach.want(SHARING, layers["attn1"])
+        reach.want(HARMONIZATION, layers["attn1"])
+        reach.want(SUBJECT_MAPS, layers["attn2"])
+    elif settings.csa:
+        reach.want(CSA, layers["attn1"])
+    if settings.ipca and settings.consolidate:
+        reach.want(IPCA, layers["attn2"])
 
 
 class SamplingGuard:

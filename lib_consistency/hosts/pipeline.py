@@ -28,7 +28,7 @@ from modules import images, processing, sd_unet, shared
 from ..attention_hooks import BankMode, ConsistencyState, install_hooks, ldm_layer_address, remove_stale_hooks
 from ..consistent_self_attention import CsaSettings, StepKey
 from ..identity_attention_hook import IdentityAttentionState, install_identity_hooks
-from ..reach import CSA, HARMONIZATION, IPCA, SHARING, SUBJECT_MAPS, Reach
+from ..reach import Reach
 from ..reference_bank import ReferenceBank
 from ..row_layout import UNKNOWN_LAYOUT, A1111RowCursor, a1111_step_plan
 from ..settings import Settings
@@ -40,7 +40,7 @@ from .coexist import (check_host_prompts, controlnet_batch_inputs, forge_control
                       with_controlnet_mark)
 from .conditioning import SDXL_POOLED_WIDTH, batch_conditioning
 from .forge import is_forge, patch_unet
-from .guard import SamplingGuard, checked_sampling, sweep, unet_module
+from .guard import SamplingGuard, checked_sampling, sweep, unet_module, want_surfaces
 from .prepass import run_vanilla_prepass, wants_prepass
 from .storysync import mask_images, storysync_state
 from .ui import STYLE_INFOTEXT_KEY
@@ -234,23 +234,6 @@ def _attention_layers(unet: torch.nn.Module, kind: str) -> list:
     return [(a, m) for n, m in unet.named_modules() if (a := ldm_layer_address(n, kind))]
 
 
-def _want(generation: StoryGeneration, unet: torch.nn.Module) -> None:
-    """The surfaces the settings ask for, each on every attention layer of its kind (what ``install`` and Forge's
-    ``patch_unet`` put there; the guard checks every UNet call against it)."""
-    settings, reach = generation.settings, generation.reach
-    reach.clear()
-    attn1 = [a for a, _ in _attention_layers(unet, "attn1")]
-    attn2 = [a for a, _ in _attention_layers(unet, "attn2")]
-    if settings.masked_sharing:
-        reach.want(SHARING, attn1)
-        reach.want(HARMONIZATION, attn1)
-        reach.want(SUBJECT_MAPS, attn2)
-    elif settings.csa:
-        reach.want(CSA, attn1)
-    if settings.ipca and settings.consolidate:
-        reach.want(IPCA, attn2)
-
-
 def install(p, generation: StoryGeneration) -> None:
     """Build this batch's conditioning and install the hooks (called at the start of every ``p.sample``)."""
     settings, plan = generation.settings, generation.plan
@@ -292,7 +275,7 @@ def install(p, generation: StoryGeneration) -> None:
         generation.unet_hook_handle = _unet(p).register_forward_pre_hook(_row_cursor_hook(generation),
                                                                          with_kwargs=True)
     unet = unet_module(p.sd_model)
-    _want(generation, unet)
+    want_surfaces(generation.reach, settings, unet)
     generation.guard.install(unet)  # every UNet call of this p.sample (hires and the BLI pre-pass too)
     generation.sampling = True
 
@@ -309,7 +292,7 @@ def process_before_every_sampling(p, latent=None) -> None:
 
 
 def uninstall(p, generation: StoryGeneration) -> None:
-    """Remove everything ``install`` added (symmetric; safe to call twice), and any kept error's one-shot hook."""
+    """Remove everything ``install`` added (symmetric; safe to call twice)."""
     generation.sampling = False
     generation.guard.remove()
     for hook in reversed(generation.hooks):

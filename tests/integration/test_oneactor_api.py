@@ -176,12 +176,8 @@ def test_hires_fix_and_img2img_with_a_character(character):
 
 
 def test_xyz_plot_over_the_character_strength(character):
-    status, scripts = call("/sdapi/v1/script-info")
-    xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
-    x_types = next(a for a in xyz["args"] if a["label"] == "X type")["choices"]
-    axis, none = x_types.index("[Story] OneActor v"), x_types.index("Nothing")
-    script_args = [axis, "0.0, 1.5", [], none, "", [], none, "", [], True, True, False, False, False, False, False,
-                   0, False]
+    from tests.integration.test_webui_api import xyz_script_args
+    script_args = xyz_script_args(("[Story] OneActor v", "0.0, 1.5"))
     status, body = txt2img(prompt="<oneactor:ci_hero> a hobbit in a forest", script_name="x/y/z plot",
                            script_args=script_args)
     assert status == 200, body

@@ -116,6 +116,23 @@ def test_each_preset_reaches_the_model(preset):
     assert f"Story Preset: {preset}" in with_methods["info"]["infotexts"][0]
 
 
+@pytest.mark.parametrize("preset", list(PRESET_AND_METHODS_OFF))
+def test_a_method_taken_away_by_another_extension_fails_the_request(preset):
+    """With ``tests/integration/breaker_extension`` installed (skipped otherwise): the story's patches or hooks are
+    removed during sampling; the request fails naming the method, and the WebUI is left as it was."""
+    status, scripts = call("/sdapi/v1/script-info")
+    if not any(s["name"] == "consistent story breaker (test)" for s in scripts):
+        pytest.skip("the breaker extension (tests/integration/breaker_extension) is not installed")
+    vanilla_before = image_bytes(txt2img())
+    on, _ = PRESET_AND_METHODS_OFF[preset]
+    payload = {**BASE, "prompt": "watercolor BREAKSTORYPATCHES",
+               "alwayson_scripts": {"consistent story": {"args": story_args(preset=preset, **on)}}}
+    status, body = call("/sdapi/v1/txt2img", payload)
+    assert status >= 400, "frames were returned without the story's methods"
+    assert "did not run in this UNet call" in json.dumps(body) and "Consistent Story" in json.dumps(body)
+    assert image_bytes(txt2img()) == vanilla_before
+
+
 def test_twelve_frames_in_batches_of_four():
     story = "a small red fox\n" + "\n".join(f"scene {i} in the forest" for i in range(12))
     body = txt2img([{"enabled": True, "story": story, "preset": "Combined", "csa_layers": "all",
@@ -152,15 +169,33 @@ def test_bad_input_fails_the_request_with_a_message(args, words):
         assert word in text, text
 
 
+def xyz_script_args(*axes: tuple[str, str]) -> list:
+    """The X/Y/Z plot script's positional args for up to three (axis label, values) pairs, built from the server's
+    own script-info: its argument list differs between hosts (Forge Neo adds 'Row Count'). Sub-images included."""
+    status, scripts = call("/sdapi/v1/script-info")
+    assert status == 200, scripts
+    xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    choices = next(a for a in xyz["args"] if a["label"] == "X type")["choices"]
+    args, seen = [], set()
+    for arg in xyz["args"]:
+        label, axis = arg["label"], "XYZ".find(arg["label"][:1])
+        chosen = axes[axis] if 0 <= axis < len(axes) else ("Nothing", "")
+        if axis >= 0 and label.endswith(" type"):
+            args.append(choices.index(chosen[0]))
+        elif axis >= 0 and label.endswith(" values"):
+            args.append(chosen[1] if label not in seen else [])  # the text box, then the dropdown
+        else:
+            args.append(True if label == "Include Sub Images" else arg["value"])
+        seen.add(label)
+    return args
+
+
 def test_xyz_plot_over_a_story_axis():
     status, scripts = call("/sdapi/v1/script-info")
     xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
     x_types = next(a for a in xyz["args"] if a["label"] == "X type")["choices"]
     assert [label for label in x_types if label.startswith("[Story] ")] == [axis_label(k) for k in axis_keys()]
-    axis = x_types.index(axis_label("csa_rate"))
-    none = x_types.index("Nothing")
-    script_args = [axis, "0.25, 1.0", [], none, "", [], none, "", [], True, True, False, False, False, False, False,
-                   0, False]
+    script_args = xyz_script_args((axis_label("csa_rate"), "0.25, 1.0"))
     body = txt2img(story_args(preset="StoryDiffusion", csa_layers="all", storyboard=False),
                    script_name="x/y/z plot", script_args=script_args)
     infotexts = body["info"]["infotexts"]
@@ -276,13 +311,7 @@ def test_storysync_bad_subject_word_names_the_line():
 
 
 def test_storysync_xyz_over_rfh_and_bli():
-    status, scripts = call("/sdapi/v1/script-info")
-    xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
-    x_types = next(a for a in xyz["args"] if a["label"] == "X type")["choices"]
-    none = x_types.index("Nothing")
-    script_args = [x_types.index(axis_label("bli_strength")), "0.0, 1.0", [], x_types.index(
-        axis_label("rfh_strength")), "0.0, 0.9", [], none, "", [], True, True, False, False, False, False, False, 0,
-        False]
+    script_args = xyz_script_args((axis_label("bli_strength"), "0.0, 1.0"), (axis_label("rfh_strength"), "0.0, 0.9"))
     body = txt2img(storysync_args(rfh_start=0.0, rfh_end=1.0), script_name="x/y/z plot", script_args=script_args)
     infotexts = body["info"]["infotexts"]
     assert any("Story BLI strength: 0.0" in t and "Story RFH strength: 0.9" in t for t in infotexts)
