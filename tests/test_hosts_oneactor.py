@@ -255,3 +255,29 @@ def test_with_consolidation_delta_goes_on_the_base_word_of_each_frames_consolida
         expected = plain.seen_conds[0][frame, rows[0]].double() + 0.5 * hero.delta_tar.double()
         assert torch.allclose(tagged.seen_conds[0][frame, rows[0]].double(), expected, atol=1e-5)
     assert torch.equal(tagged.seen_conds[-1], plain.seen_conds[-1])  # step 3 of 3: outside the window
+
+
+def test_the_tab_shows_the_preview_from_its_file(host, monkeypatch):
+    """The Characters tab's preview is a PIL image that names the preview file it was saved as: the hosts' gradio
+    output then serves that file instead of writing a temp file (into Forge Neo's 'temp_dir', which a fresh install
+    lacks, failing the whole output)."""
+    import dataclasses
+    import io
+
+    from PIL import Image
+
+    _, _, folder = host
+    made = character(folder, name="hero")
+    picture = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(picture, format="PNG")
+    save_character(folder / "hero.safetensors", dataclasses.replace(made, preview_png=picture.getvalue()))
+    create = importlib.import_module("lib_consistency.hosts.oneactor.create")
+    tab = importlib.import_module("lib_consistency.hosts.oneactor.tab")
+    monkeypatch.setattr(create, "create_character", lambda request: {
+        "name": request.name, "file": str(folder / "hero.safetensors"), "seconds": 1.0, "final_loss": 0.25,
+        "base_word": request.base_word})
+    preview, listing, status = tab.create_from_tab("task(1)", "hero", "a photo of a hobbit", "", "hobbit", 5, False, 1,
+                                                   1, 2, 7.0, 256, 256, True)
+    saved = folder / "hero.preview.png"
+    assert preview.already_saved_as == str(saved) and saved.read_bytes() == picture.getvalue()
+    assert "Saved <b>hero</b>" in status and "hero" in listing

@@ -54,6 +54,10 @@ def create_from_tab(id_task: str, name: str, prompt: str, negative_prompt: str, 
         preview = Image.open(io.BytesIO(png))
         if not picture.exists():
             picture.write_bytes(png)
+        # The hosts' gradio output for a PIL image (ui_tempdir.save_pil_to_file) serves a file the image says it was
+        # saved as; otherwise it writes a temp file, into the 'temp_dir' setting without creating that folder, which a
+        # fresh Forge Neo lacks (the whole output then fails).
+        preview.already_saved_as = str(picture)
     status = (f"<p>Saved <b>{html.escape(summary['name'])}</b> ({html.escape(summary['file'])}) in "
               f"{summary['seconds']} s, final loss {summary['final_loss']:.4f}. Use it with "
               f"<code>&lt;oneactor:{html.escape(summary['name'])}&gt;</code> in a prompt containing "

@@ -28,6 +28,9 @@ class ConsistentStoryBreaker(scripts.Script):
     def show(self, is_img2img):
         return scripts.AlwaysVisible
 
+    def ui(self, is_img2img):
+        return []  # no controls, but listed by /sdapi/v1/script-info (the tests look for it there)
+
     def process_before_every_sampling(self, p, *args, **kwargs):
         forge = getattr(p.sd_model, "forge_objects", None)
         if forge is not None and _marked(p):
