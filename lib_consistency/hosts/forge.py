@@ -13,7 +13,10 @@ Both methods use replace patches, which receive the projected q/k/v of the call'
   dropout bias as an attention mask.
 Attention itself is Forge's ``backend.attention.attention_function`` (the kernel chosen at start-up). The run state
 travels in ``transformer_options[TRANSFORMER_OPTION]`` (``ForgeRunState``), which the patches read from
-``extra_options``; without it (another patcher's clone, a stale patch) they attend plainly.
+``extra_options``; without it (another patcher's clone, a stale patch) they attend plainly. Every patch entered with
+the run state tells its ``Reach`` (``reach.py``), which the pipeline's guard checks after every UNet call. Forge Neo
+takes the same patches; only the memory kept free for the shared attention is asked for another way
+(``reserve_shared_attention_memory``, by capability).
 
 Another extension's replace patch on the same block (SAG, StyleAlign, IP-Adapter, reference-only register them) is
 wrapped, not overwritten (``set_replace_all``): on every call our method leaves alone it is called exactly as Forge
@@ -301,7 +304,7 @@ def oneactor_post_cfg(pending_for: Callable[[], Any], calc_batch: Callable, comp
 
     Host contract (``backend/sampling/sampling_function.py``): called after CFG with ``denoised``, the compiled
     ``cond`` list, ``uncond_denoised`` (None when CFG 1 dropped the uncond), ``input``, ``sigma``, ``model`` and
-    ``model_options``. ``pending_for()`` gives this step's η2 inputs set by ``on_cfg_denoiser`` (None outside the
+    ``model_options``. ``pending_for()`` takes this step's η2 inputs set by ``on_cfg_denoiser`` (None outside the
     window); the η2 rows run through ``calc_cond_uncond_batch`` like the host's own cond rows, with the cond's
     ControlNet and concat image."""
     def post_cfg(args):
