@@ -16,19 +16,9 @@ from lib_consistency.identity_attention_hook import IdentityAttentionState, inst
 from lib_consistency.consistent_self_attention import StepKey
 from lib_consistency.row_layout import Role, RowLayout
 from tests.fake_webui import ToyAttention
+from tests.forge_standin import attention_function
 
 LAYER = ("output", 3, 0)
-
-
-def attention_function(q, k, v, heads, mask=None):
-    """Forge's attention_pytorch: [R, T, heads·d] in and out."""
-    rows, _, width = q.shape
-
-    def split(t):
-        return t.view(rows, -1, heads, width // heads).transpose(1, 2)
-
-    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
-    return out.transpose(1, 2).reshape(rows, -1, width)
 
 
 class FakeUnetPatcher:
