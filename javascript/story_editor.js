@@ -8,7 +8,7 @@
 // - gradio 4 mounts the content of closed accordions late: everything is found lazily and attached idempotently;
 // - gradio sets values without DOM events (infotext paste, "Send to", server outputs): values are also polled;
 // - the host's document keydown listener (Ctrl/Cmd+Enter generate, Esc interrupt) must keep receiving its keys.
-// The preview HTML comes from lib_consistency/story_preview.py (data-story-hash, tr.cs-frame[data-line]...).
+// The preview HTML comes from lib_consistency/story/preview.py (data-story-hash, tr.cs-frame[data-line]...).
 (function() {
     "use strict";
     const api = window.consistentStoryEditor = window.consistentStoryEditor || {};  // story_editor_files.js adds to it

@@ -12,7 +12,7 @@ import types
 
 import torch
 
-from lib_consistency.attention_hooks import ldm_layer_address
+from lib_consistency.surfaces.instance_hooks import ldm_layer_address
 from tests.fake_webui import ToyAttention, ToyModel, ToyProcessing
 
 

@@ -15,7 +15,7 @@ from .scoring import Evaluator, Overall, StoryScores, overall
 
 
 def add_evaluator_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that choose the evaluator (shared with ``lib_consistency.benchmark``)."""
+    """The options that choose the evaluator (shared with ``lib_consistency.evaluate.consistory_plus``)."""
     group = parser.add_argument_group("evaluator (nothing is downloaded without --allow-download)")
     group.add_argument("--clip", metavar="PATH_OR_ID", default=None,
                        help="CLIP model: a folder saved with save_pretrained, or a model id looked up in the local "

@@ -22,7 +22,7 @@ from typing import Iterable
 from PIL import Image
 
 from ..settings import infotext_key
-from ..story import StoryError, parse_story
+from ..story.format import StoryError, parse_story
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CONTACT_SHEET_KEY = "consistent-story-contact-sheet"  # text chunk marking our own contact sheets (never scored)

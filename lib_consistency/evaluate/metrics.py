@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from ..story_run import without_extra_networks
+from ..story.run import without_extra_networks
 
 CLIP_T_PREFIX = "A photo depicts "
 CLIP_T_WEIGHT = 2.5

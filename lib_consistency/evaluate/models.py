@@ -23,7 +23,7 @@ from .infotext import EvaluationError
 from .metrics import ClipEmbedder
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-REQUIREMENTS = "lib_consistency/requirements-eval.txt"
+REQUIREMENTS = "lib_consistency/evaluate/requirements.txt"
 DREAMSIM_CACHE = pathlib.Path.home() / ".cache" / "dreamsim"
 # What dreamsim 0.2's default ensemble reads from its cache folder; without one of them it downloads: its own
 # checkpoint (the first four) and, through torch.hub in the same folder, DINO's code and weights.

@@ -15,7 +15,7 @@ from typing import Sequence
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from ..atomic_file import write_atomically
+from ..common.atomic_file import write_atomically
 from .infotext import CONTACT_SHEET_KEY, StoryImages
 from .scoring import Overall, StoryScores
 

@@ -27,11 +27,11 @@ import torch
 
 from modules import shared
 
-from ..attention_hooks import ldm_layer_address
-from ..consistent_self_attention import LayerPolicy, layer_is_selected
-from ..row_layout import TokenGrid
-from ..story_run import StoryRunPlan, check_batch_networks, extra_networks_of, frame_label
-from ..token_plan import CONTEXT_TOKENS
+from ..common.row_layout import TokenGrid
+from ..one_prompt_one_story.token_plan import CONTEXT_TOKENS
+from ..story.run import StoryRunPlan, check_batch_networks, extra_networks_of, frame_label
+from ..story_diffusion.consistent_self_attention import LayerPolicy, layer_is_selected
+from ..surfaces.instance_hooks import ldm_layer_address
 
 PER_IMAGE_NETWORKS = ("oneactor",)  # OneActor acts on each image's own cond rows, not on the model's weights
 DYNAMIC_PROMPTS_TITLE = "Dynamic Prompts"

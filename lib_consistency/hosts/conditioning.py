@@ -9,8 +9,8 @@ import torch
 
 from modules import devices, extra_networks, prompt_parser
 
-from ..story_run import FrameConditioning, plan_consolidation
-from ..token_plan import verify_token_plan
+from ..one_prompt_one_story.token_plan import verify_token_plan
+from ..story.run import FrameConditioning, plan_consolidation
 from .coexist import batch_networks
 from .tokenizers import required_tokenizers
 from .ui import SPANS_INFOTEXT_KEY

@@ -3,250 +3,27 @@
 Host contract: Forge resets ``p.sd_model.forge_objects`` at the start of every ``sample()`` and then calls
 ``process_before_every_sampling`` (twice more with hires fix, once per reset): each call clones the *current* UNet
 patcher, registers our patches and assigns the clone back, so repeated calls never stack and nothing needs removing.
-Row roles come from ``extra_options['cond_or_uncond']`` (one entry per chunk of B rows, B = len(sigmas)).
-
-Both methods use replace patches, which receive the projected q/k/v of the call's own rows:
-- consistent self-attention (attn1): the peer tokens' keys/values are gathered from the projected k/v (projection is
-  per token, so gather-then-project equals project-then-gather); the shared core runs on ``[k | v]`` token rows,
-  so its sampling, character groups, schedule and bank work unchanged (the bank holds projected tokens here);
-- IPCA (attn2): cond rows get their SOT + identity keys/values appended (``append_identity_tokens``), or the seeded
-  dropout bias as an attention mask.
-Attention itself is Forge's ``backend.attention.attention_function`` (the kernel chosen at start-up). The run state
-travels in ``transformer_options[TRANSFORMER_OPTION]`` (``ForgeRunState``), which the patches read from
-``extra_options``; without it (another patcher's clone, a stale patch) they attend plainly. Every patch entered with
-the run state tells its ``Reach`` (``reach.py``), which the pipeline's guard checks after every UNet call. Forge Neo
+The patches themselves (what each method does to an attention call) are the surface ``surfaces/forge_patches.py``;
+attention is Forge's ``backend.attention.attention_function`` (the kernel chosen at start-up), passed in. Forge Neo
 takes the same patches; only the memory kept free for the shared attention is asked for another way
-(``reserve_shared_attention_memory``, by capability).
-
-Another extension's replace patch on the same block (SAG, StyleAlign, IP-Adapter, reference-only register them) is
-wrapped, not overwritten (``set_replace_all``): on every call our method leaves alone it is called exactly as Forge
-would call it; a call our method must change (shared keys, blended queries, identity tokens, a dropout mask) cannot
-be handed to a patch that expects the whole batch with its own keys, so it is refused with a message naming that
-patch, at the first such call (before any image).
+(``reserve_shared_attention_memory``, by capability). OneActor's η2 term is a post-CFG function
+(``patch_oneactor``).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import torch
+from ..surfaces.forge_patches import (TRANSFORMER_OPTION, Attention, ForgeRunState, Patch, csa_replace, ipca_replace,
+                                      plain_call, set_replace_all, storysync_output_patch, storysync_replace,
+                                      with_subject_maps)
 
-from ..async_index import index_tensor
-from ..identity_attention_hook import dropout_bias
-from ..identity_cross_attention import append_identity_tokens
-from ..reach import CSA, HARMONIZATION, IPCA, SHARING, SUBJECT_MAPS, Reach
-from ..row_layout import Role, RowLayout, forge_row_layout
-
-Attention = Callable[..., torch.Tensor]  # attention_function(q, k, v, heads, mask=None) on [R, T, heads·d]
-TRANSFORMER_OPTION = "consistent_story"
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ForgeRunState:
-    """What the patches of one sampling call need: the CSA, IPCA and StorySync states, this batch's first frame, and
-    the ``Reach`` each patch tells that it ran (the pipeline's guard checks it after every UNet call)."""
-    csa: Any
-    ipca: Any
-    frame_offset: int
-    storysync: Any = None
-    reach: Reach | None = None
-
-    def entered(self, surface: str, extra_options: dict) -> None:
-        if self.reach is not None:
-            self.reach.hit(surface, _layer(extra_options))
-
-    def __deepcopy__(self, memo: dict) -> "ForgeRunState":
-        return self  # a handle: every clone() deep-copies model_options, and all clones must share the live state
 
 
 def is_forge(p) -> bool:
     """Capability check on the object in hand (hosts.md §6.5), not a version string."""
     return hasattr(p.sd_model, "forge_objects")
-
-
-def _layout(extra_options: dict, rows: int, frame_offset: int) -> RowLayout:
-    return forge_row_layout(extra_options.get("cond_or_uncond", ()), len(extra_options.get("sigmas", ())), rows,
-                            frame_offset)
-
-
-def _layer(extra_options: dict) -> tuple[str, int, int] | None:
-    block = extra_options.get("block")
-    return None if block is None else (block[0], int(block[1]), int(extra_options.get("block_index", 0)))
-
-
-Patch = Callable[..., torch.Tensor]  # a replace patch: (q, k, v, extra_options) -> attention output
-
-
-def _patch_name(patch: Patch) -> str:
-    return f"{getattr(patch, '__module__', '?')}.{getattr(patch, '__qualname__', type(patch).__name__)}"
-
-
-def _plain(attention: Attention, foreign: Patch | None) -> Patch:
-    """The call as Forge would make it without us: the other extension's patch, or the attention function."""
-    return foreign if foreign is not None else lambda q, k, v, extra_options: attention(q, k, v,
-                                                                                          extra_options["n_heads"])
-
-
-def _altered(attention: Attention, foreign: Patch | None, what: str, extra_options: dict) -> Attention:
-    """The attention for a call our method changes; refused where another extension's patch owns the block."""
-    if foreign is not None:
-        raise RuntimeError(f"Consistent Story: {what} cannot share the attention of block {_layer(extra_options)} "
-                           f"with another extension's attention patch there ({_patch_name(foreign)}); turn one of "
-                           "them off, or choose layers that leave that block")
-    return attention
-
-
-def set_replace_all(unet, target: str, make: Callable[[Patch | None], Patch]) -> list[str]:
-    """Our replace patch for ``target`` on every transformer block, as ``set_model_replace_all`` does, but where
-    another patch is registered (its 3-tuple key or its block's 2-tuple key, which Forge falls back to) ours is built
-    around it: ``make(foreign)``. Returns the wrapped patches' names."""
-    existing = unet.model_options.get("transformer_options", {}).get("patches_replace", {}).get(target, {})
-    ours, wrapped = make(None), []
-    for block_name in ("input", "middle", "output"):
-        for number in range(16):
-            for index in range(16):
-                foreign = existing.get((block_name, number, index), existing.get((block_name, number)))
-                if foreign is not None:
-                    wrapped.append(_patch_name(foreign))
-                unet.set_model_patch_replace(ours if foreign is None else make(foreign), target, block_name,
-                                             number, index)
-    return sorted(set(wrapped))
-
-
-def _in_groups(attention: Attention, heads: int, q, k, v, groups: list) -> torch.Tensor:
-    """Attention per row group: ``groups`` holds (rows, k_rows, v_rows, mask); rows in no group attend plainly."""
-    covered = {r for rows, *_ in groups for r in rows}
-    rest = [r for r in range(q.shape[0]) if r not in covered]
-    if rest:
-        index = index_tensor(rest, q.device)
-        groups = groups + [(rest, k.index_select(0, index), v.index_select(0, index), None)]
-    if len(groups) == 1 and list(groups[0][0]) == list(range(q.shape[0])):
-        rows, k_rows, v_rows, mask = groups[0]
-        return attention(q, k_rows, v_rows, heads, mask=mask)
-    out = None
-    for rows, k_rows, v_rows, mask in groups:
-        index = index_tensor(rows, q.device)
-        result = attention(q.index_select(0, index), k_rows, v_rows, heads, mask=mask)
-        if out is None:
-            out = result.new_empty((q.shape[0],) + tuple(result.shape[1:]))
-        out.index_copy_(0, index, result)
-    return out
-
-
-def _replace_patch(method: str, surface: str, groups_for: Callable, attention: Attention,
-                   foreign: Patch | None = None):
-    """A replace patch ``(q, k, v, extra_options) -> out``: reads the run state and the rows of this call, asks
-    ``groups_for(state, q, k, v, extra_options, layout, layer)`` for row groups; None means the plain call
-    (``foreign``, another extension's patch on this block, if any)."""
-    plain = _plain(attention, foreign)
-
-    def patch(q, k, v, extra_options):
-        run = extra_options.get(TRANSFORMER_OPTION)
-        state = None if run is None else getattr(run, method)
-        if state is None:
-            return plain(q, k, v, extra_options)
-        run.entered(surface, extra_options)
-        layout = _layout(extra_options, q.shape[0], run.frame_offset)
-        groups = groups_for(state, q, k, v, extra_options, layout, _layer(extra_options))
-        if not groups:
-            return plain(q, k, v, extra_options)
-        attend = _altered(attention, foreign, method.upper(), extra_options)
-        return _in_groups(attend, extra_options["n_heads"], q, k, v, groups)
-    return patch
-
-
-def _csa_groups(state, q, k, v, extra_options, layout, layer):
-    shape = extra_options.get("original_shape")
-    state.begin_unet_call(layout, tuple(shape[-2:]) if shape is not None else None)
-    groups = None if layer is None else state.contexts_for(layer, torch.cat([k, v], dim=-1))
-    width = k.shape[-1]
-    return [(g.rows, g.context[..., :width], g.context[..., width:], None) for g in groups or ()]
-
-
-def _ipca_groups(state, q, k, v, extra_options, layout, layer):
-    if state.closed or not layout.known:
-        return None
-    cond = [r for r, role in enumerate(layout.roles) if role is Role.COND]
-    if not cond:
-        return None
-    index = index_tensor(cond, q.device)
-    k_cond, v_cond = k.index_select(0, index), v.index_select(0, index)
-    columns = state.columns(k_cond)  # Forge repeats a 77-token cond batched with a longer uncond: every copy
-    if columns is None:
-        return None
-    if state.dropout == 0:
-        return [(cond, append_identity_tokens(k_cond, columns), append_identity_tokens(v_cond, columns), None)]
-    frames = [layout.frames[r] for r in cond]
-    bias = dropout_bias(state, layer or ("?", 0, 0), frames, q.shape[1], k.shape[1], columns, q).unsqueeze(1)
-    return [(cond, k_cond, v_cond, bias)]
-
-
-def _storysync_rows(run, extra_options: dict, rows: int, surface: str):
-    """The StorySync state with this call's rows set, and the layer; (None, None) when StorySync is not on.
-    Tells the run's reach that ``surface`` ran."""
-    state = None if run is None else run.storysync
-    layer = _layer(extra_options)
-    if state is None or layer is None:
-        return None, None
-    run.entered(surface, extra_options)
-    shape = extra_options.get("original_shape")
-    state.set_rows(_layout(extra_options, rows, run.frame_offset), tuple(shape[-2:]) if shape is not None else None)
-    return state, layer
-
-
-def storysync_replace(attention: Attention, foreign: Patch | None = None):
-    """attn1 replace patch: StorySync's input side (masked sharing, BLI) on the projected q | k | v. Projections
-    are per token and linear (no bias in SD attention), so gathering or blending them equals doing it on the
-    inputs; the BLI cache holds q | k | v here. ``foreign``: another extension's patch on this block."""
-    plain = _plain(attention, foreign)
-
-    def patch(q, k, v, extra_options):
-        heads = extra_options["n_heads"]
-        state, layer = _storysync_rows(extra_options.get(TRANSFORMER_OPTION), extra_options, q.shape[0], SHARING)
-        if state is None:
-            return plain(q, k, v, extra_options)
-        width = q.shape[-1]
-
-        def attend(query_qkv, context_qkv):
-            inner = _altered(attention, foreign, "StorySync", extra_options)
-            source = query_qkv if context_qkv is None else context_qkv
-            return inner(query_qkv[..., :width], source[..., width:2 * width], source[..., 2 * width:], heads)
-
-        out = state.self_attention(layer, torch.cat([q, k, v], dim=-1), attend)
-        return plain(q, k, v, extra_options) if out is None else out
-    return patch
-
-
-def storysync_output_patch(out, extra_options):
-    """attn1 output patch (after ``to_out``, before the residual): StorySync's RFH."""
-    state, layer = _storysync_rows(extra_options.get(TRANSFORMER_OPTION), extra_options, out.shape[0],
-                                   HARMONIZATION)
-    return out if state is None else state.harmonize_output(layer, out)
-
-
-def with_subject_maps(patch):
-    """attn2 replace patch that first adds the cond rows' subject maps (StorySync masks), then runs ``patch``."""
-    def wrapped(q, k, v, extra_options):
-        state, layer = _storysync_rows(extra_options.get(TRANSFORMER_OPTION), extra_options, q.shape[0],
-                                       SUBJECT_MAPS)
-        if state is not None and state.wants_maps(layer, q.shape[0], q.shape[1]):
-            rows = state.cond_rows()
-            index = index_tensor(rows, q.device)
-            state.add_maps(q.index_select(0, index), k.index_select(0, index), extra_options["n_heads"], rows)
-        return patch(q, k, v, extra_options)
-    return wrapped
-
-
-def csa_replace(attention: Attention, foreign: Patch | None = None):
-    """attn1 replace patch applying consistent self-attention (the run's ``ConsistencyState``)."""
-    return _replace_patch("csa", CSA, _csa_groups, attention, foreign)
-
-
-def ipca_replace(attention: Attention, foreign: Patch | None = None):
-    """attn2 replace patch applying IPCA to the cond rows of the call (the run's ``IdentityAttentionState``)."""
-    return _replace_patch("ipca", IPCA, _ipca_groups, attention, foreign)
 
 
 def reserve_shared_attention_memory(unet, factor: float, latent_shape: Sequence[int] | None) -> str:
@@ -290,7 +67,7 @@ def patch_unet(p, generation, attention: Attention, latent_shape: Sequence[int] 
     if storysync is not None:
         unet.set_model_attn1_output_patch(storysync_output_patch)
     def attn2(foreign: Patch | None) -> Patch:
-        patch = ipca_replace(attention, foreign) if generation.ipca is not None else _plain(attention, foreign)
+        patch = ipca_replace(attention, foreign) if generation.ipca is not None else plain_call(attention, foreign)
         return with_subject_maps(patch) if storysync is not None else patch  # the maps only read q and k
 
     if generation.ipca is not None or storysync is not None:

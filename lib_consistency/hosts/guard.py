@@ -24,8 +24,8 @@ from typing import Iterator
 
 import torch
 
-from ..attention_hooks import ldm_layer_address
-from ..reach import CSA, HARMONIZATION, IPCA, SHARING, SUBJECT_MAPS, Reach
+from ..surfaces.instance_hooks import ldm_layer_address
+from ..surfaces.reach import CSA, HARMONIZATION, IPCA, SHARING, SUBJECT_MAPS, Reach
 
 log = logging.getLogger(__name__)
 ERRORS_ATTRIBUTE = "consistent_story_errors"

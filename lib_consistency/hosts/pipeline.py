@@ -25,19 +25,20 @@ import torch
 
 from modules import images, processing, sd_unet, shared
 
-from ..attention_hooks import BankMode, ConsistencyState, install_hooks, ldm_layer_address, remove_stale_hooks
-from ..consistent_self_attention import CsaSettings, StepKey
-from ..identity_attention_hook import IdentityAttentionState, install_identity_hooks
-from ..reach import Reach
-from ..reference_bank import ReferenceBank
-from ..row_layout import UNKNOWN_LAYOUT, A1111RowCursor, a1111_step_plan
+from ..common.addresses import StepKey
+from ..common.row_layout import UNKNOWN_LAYOUT, A1111RowCursor, a1111_step_plan
+from ..one_prompt_one_story.ipca import IdentityAttentionState
 from ..settings import Settings
-from ..story_run import FrameConditioning, StoryRunPlan, plan_story_run
-from ..story_sync import StorySyncState
-from ..storysync_hooks import install_storysync_hooks
-from .coexist import (check_host_prompts, controlnet_batch_inputs, forge_controlnet_inputs,
-                      hypertile_refusal, keep_dynamic_prompts_off, restore_controlnet_inputs, split_controlnet_mark,
-                      with_controlnet_mark)
+from ..story.run import FrameConditioning, StoryRunPlan, plan_story_run
+from ..story_diffusion.consistent_self_attention import CsaSettings
+from ..story_diffusion.reference_bank import ReferenceBank
+from ..story_diffusion.state import BankMode, ConsistencyState
+from ..story_sync.state import StorySyncState
+from ..surfaces.attention_modules import install_csa_hooks, install_identity_hooks, install_storysync_hooks
+from ..surfaces.instance_hooks import ldm_layer_address, remove_stale_hooks
+from ..surfaces.reach import Reach
+from .coexist import (check_host_prompts, controlnet_batch_inputs, forge_controlnet_inputs, hypertile_refusal,
+                      keep_dynamic_prompts_off, restore_controlnet_inputs, split_controlnet_mark, with_controlnet_mark)
 from .conditioning import SDXL_POOLED_WIDTH, batch_conditioning
 from .forge import is_forge, patch_unet
 from .guard import SamplingGuard, checked_sampling, sweep, unet_module, want_surfaces
@@ -270,7 +271,7 @@ def install(p, generation: StoryGeneration) -> None:
         if plan.reference_frames:
             generation.csa.bank_mode = BankMode.WRITE if p.iteration == 0 else BankMode.READ
         if not forge:
-            generation.hooks += install_hooks(_attention_layers(_unet(p), "attn1"), generation.csa, reach=reach)
+            generation.hooks += install_csa_hooks(_attention_layers(_unet(p), "attn1"), generation.csa, reach=reach)
     if not forge:  # Forge reads the rows from cond_or_uncond in its patches
         generation.unet_hook_handle = _unet(p).register_forward_pre_hook(_row_cursor_hook(generation),
                                                                          with_kwargs=True)

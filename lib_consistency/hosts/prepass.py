@@ -22,7 +22,7 @@ import torch
 
 from modules import rng, shared
 
-from ..story_sync import Phase, PrePassDone, StorySyncState
+from ..story_sync.state import Phase, PrePassDone, StorySyncState
 
 _STATE_FIELDS = ("sampling_step", "sampling_steps", "current_latent", "current_image_sampling_step")
 

@@ -1,17 +1,18 @@
 """StorySync's host side (A1111 1.10 and Forge): its per-generation state from the story and the checkpoint's own
 tokenizer, and the mask images ("show masks"). The pre-pass for BLI is in ``prepass.py``; the hooks and patches in
-``storysync_hooks`` (A1111) and ``forge.py``.
+``surfaces/attention_modules`` (A1111) and ``surfaces/forge_patches`` (Forge).
 """
 from __future__ import annotations
 
 from modules import extra_networks
 
-from ..consistent_self_attention import LayerPolicy, Schedule
-from ..reference_bank import ReferenceBank
 from ..settings import Settings
-from ..story_run import StoryRunPlan, storysync_references
-from ..story_sync import StorySyncSettings, StorySyncState
-from ..subject_tokens import consolidated_identity_pieces, frame_prompt_pieces, story_subjects, subject_positions
+from ..story.run import StoryRunPlan, storysync_references
+from ..story_diffusion.consistent_self_attention import LayerPolicy, Schedule
+from ..story_diffusion.reference_bank import ReferenceBank
+from ..story_sync.state import StorySyncSettings, StorySyncState
+from ..story_sync.subject_tokens import (consolidated_identity_pieces, frame_prompt_pieces, story_subjects,
+                                         subject_positions)
 from .storyboard import mask_overlay
 from .tokenizers import required_tokenizers
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..token_plan import Tokenizer
+from ..one_prompt_one_story.token_plan import Tokenizer
 
 TokenItem = tuple[int, float, "str | None"]
 

@@ -14,8 +14,8 @@ from contextlib import nullcontext
 from typing import Any
 
 from ..settings import INFOTEXT_PREFIX, ONEACTOR_PRESETS, PRESETS, Settings, infotext_key, option, option_keys
-from ..story_examples import EXAMPLES
-from ..story_preview import preview_panel
+from ..story.examples import EXAMPLES
+from ..story.preview import preview_panel
 from .tokenizers import model_tokenizers
 
 GROUPS = ("general", "1Prompt1Story", "StoryDiffusion", "StorySync", "OneActor")  # the method groups of Option.group

@@ -24,9 +24,10 @@ from typing import Any, Mapping
 
 import torch
 
-from ..atomic_file import write_atomically
+from ..common.atomic_file import write_atomically
 from . import safetensors_codec as codec
-from .safetensors_codec import DTYPE_NAMES, DTYPES, MAX_HEADER_BYTES, is_int  # noqa: F401  (part re-exported)
+from .safetensors_codec import DTYPE_NAMES  # noqa: F401  (part re-exported)
+from .safetensors_codec import DTYPES, MAX_HEADER_BYTES, is_int
 
 FORMAT = "consistent-story-oneactor"
 FORMAT_VERSION = 1

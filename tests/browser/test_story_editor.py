@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from lib_consistency.story_preview import preview_panel, story_hash
+from lib_consistency.story.preview import preview_panel, story_hash
 from tests.browser import CHROMIUM, CHROMIUM_ARGS as ARGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

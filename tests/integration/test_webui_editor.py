@@ -16,8 +16,8 @@ import pathlib
 import pytest
 
 from lib_consistency.settings import Settings
-from lib_consistency.story_examples import EXAMPLES
-from lib_consistency.story_preview import preview_story
+from lib_consistency.story.examples import EXAMPLES
+from lib_consistency.story.preview import preview_story
 from tests.browser import CHROMIUM, CHROMIUM_ARGS as ARGS
 
 URL = os.environ.get("CONSISTENT_STORY_WEBUI_URL", "").rstrip("/")

@@ -16,7 +16,7 @@ ROUTE = "/consistent-story/oneactor/characters"
 
 
 def list_characters_route() -> dict[str, Any]:
-    from .network import characters_dir, describe_characters
+    from .folder import characters_dir, describe_characters
     return {"folder": str(characters_dir()), "characters": describe_characters()}
 
 

@@ -22,15 +22,15 @@ from typing import Any, Callable
 
 import torch
 
+from ...common.row_layout import UNKNOWN_LAYOUT, A1111RowCursor, Role, a1111_step_plan, forge_row_layout
 from ...oneactor.character_file import Character, save_character
 from ...oneactor.inference import base_word_positions
 from ...oneactor.projector import PROJECTOR_SPECS, build_projector, fit_to_grid
 from ...oneactor.request import CreateRequest
 from ...oneactor.tuning import TuningConfig, TuningInterrupted, TuningSample, tune
-from ...row_layout import UNKNOWN_LAYOUT, A1111RowCursor, Role, a1111_step_plan, forge_row_layout
 from ..tokenizers import clip_engine, token_items
 from .generation import ARCH_WIDTH, architecture, checkpoint_identity, context_width, unet_module
-from .network import character_path_for
+from .folder import character_path_for
 
 CAPTURE_ATTRIBUTE = "consistent_story_oneactor_capture"
 DEFAULT_SAMPLER = "DPM++ 2M"  # the code samples with DPM-Solver++ multistep (methods.md §6.4)

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from ...oneactor.character_file import ARCH_WIDTHS as ARCH_WIDTH, CharacterFileError, checkpoint_warning, file_hash, \
-    load_character
+from ...oneactor.character_file import (ARCH_WIDTHS as ARCH_WIDTH, CharacterFileError, checkpoint_warning, file_hash,
+                                        load_character)
 from ...oneactor.inference import CharacterUse, OneActorBatch, OneActorPromptError, base_word_positions
 from ...settings import Settings, SettingsError, infotext_key
 from ..coexist import split_controlnet_mark, with_controlnet_mark
@@ -124,7 +124,7 @@ def _image_uses(p, prompt: str, image: int, settings: Settings, cache: dict) -> 
                 raise OneActorPromptError(f"OneActor: {where}: strength {items[1]!r} of character '{name}' is not "
                                           "a number") from None
         if name not in cache:
-            from .network import character_path
+            from .folder import character_path
             path = character_path(name)  # raises naming the character and the folder
             cache[name] = load_character(path, arch=arch, width=context_width(p.sd_model))
             _run(p).hashes[name] = file_hash(path)

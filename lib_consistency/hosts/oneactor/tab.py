@@ -15,7 +15,7 @@ EXTRA_OUTPUTS = [None, ""]  # preview, list; the wrapper appends the error text 
 
 
 def characters_table() -> str:
-    from .network import characters_dir, describe_characters
+    from .folder import characters_dir, describe_characters
 
     rows = []
     for item in describe_characters():

@@ -1,0 +1,4 @@
+"""``python -m lib_consistency.bench``."""
+from .cli import main
+
+main()

@@ -1,0 +1,140 @@
+"""StorySync benchmark: cost-model arithmetic against hand-computed values and the real runtime; tiny smoke run."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib_consistency.bench import cli, csa as bench, storysync as bs
+from lib_consistency.common.row_layout import Role, RowLayout
+from lib_consistency.story_sync.state import Phase, PrePassDone, StorySyncSettings, StorySyncState
+from lib_consistency.surfaces.attention_modules import install_storysync_hooks
+from lib_consistency.surfaces.instance_hooks import remove_hooks
+
+
+@pytest.mark.parametrize("steps, window, inside, prepass", [
+    (20, 0.1, 2, 3), (30, 0.1, 3, 4), (50, 0.1, 5, 6),  # 0.1·30 = 3.0000000000000004: still 3 steps
+    (20, 0.05, 1, 2), (10, 0.25, 3, 4), (10, 1.0, 10, 10),  # a window of every step needs no stopping call
+])
+def test_unet_calls_hand_computed(steps, window, inside, prepass):
+    assert bs.bli_window_steps(steps, window) == inside
+    consistent, pre, ratio = bs.unet_calls(steps, window)
+    assert (consistent, pre) == (steps, prepass)
+    assert ratio == pytest.approx((steps + prepass) / steps)
+
+
+def test_fifty_steps_cost_what_methods_md_says():
+    assert bs.unet_calls(50, 0.1)[2] == pytest.approx(1.12)  # methods.md §5.3: ≈ 1.12× at 50 steps
+
+
+def test_layer_inventories_hand_computed():
+    assert sum(layer[1] for layer in bs.SD15_512) == 16
+    assert sum(layer[1] for layer in bs.SDXL_1024) == 70
+    assert bs.cache_elements_per_step(bs.SD15_512) == 5 * 4096 * 320 + 5 * 1024 * 640 + 5 * 256 * 1280 + 64 * 1280
+    sdxl = bs.cache_elements_per_step(bs.SDXL_1024)
+    assert sdxl == 10 * 4096 * 640 + 60 * 1024 * 1280 == 104_857_600  # methods.md §5.3: 104.9 M elements
+    assert round(sdxl * 2 / 1e6) == 210  # ≈ 210 MB fp16
+
+
+def test_cache_bytes_hand_computed():
+    assert bs.bli_cache_bytes(bs.SD15_512, 4, 20, 0.1) == 11_550_720 * 2 * 4 * 2 * 2
+    assert bs.bli_cache_bytes(bs.SDXL_1024, 4, 30, 0.1) == 104_857_600 * 2 * 4 * 2 * 3 == 5_033_164_800
+    assert bs.bli_cache_bytes(bs.SDXL_1024, 4, 50, 0.1, qkv=True) == 3 * 104_857_600 * 2 * 4 * 2 * 5
+    assert bs.bli_cache_bytes(bs.SDXL_1024, 1, 50, 0.1, element_size=4, branches=1) == 104_857_600 * 4 * 5
+
+
+@pytest.mark.parametrize("qkv", [False, True])
+def test_cache_model_equals_the_runtime_prepass(qkv):
+    """A real pre-pass of the state (Phase.VANILLA, every layer of a tiny inventory) holds exactly the modelled
+    bytes and makes the modelled number of calls."""
+    inventory = (("a", 2, 16, 4), ("b", 1, 4, 8))  # 4x4 and 2x2 token grids
+    frames, steps, window = 3, 7, 0.4
+    state = StorySyncState(StorySyncSettings(bli_strength=0.7, bli_window=window), 0, {}, {})
+    state.phase = Phase.VANILLA
+    layout = RowLayout(tuple(f for f in range(frames) for _ in range(2)), (Role.COND, Role.UNCOND) * frames)
+    calls = 0
+    for step in range(steps):
+        state.begin_unet_call(layout, (4, 4))
+        state.begin_step(0, step, steps, 1.0)
+        calls += 1
+        try:
+            for index, (_, layers, tokens, channels) in enumerate(inventory):
+                for block in range(layers):
+                    hidden = torch.zeros(2 * frames, tokens, channels * (3 if qkv else 1), dtype=torch.float16)
+                    assert state.self_attention(("output", index, block), hidden, lambda q, c: q) is None
+        except PrePassDone:
+            break
+    assert calls == bs.unet_calls(steps, window)[1] == 4
+    assert state.bli_cache.bytes_held == bs.bli_cache_bytes(inventory, frames, steps, window, 2, qkv)
+
+
+def test_subject_mask_is_a_centred_square():
+    mask = bs.subject_mask(32).view(32, 32)
+    assert int(mask.sum()) == 18 * 18  # round(32·√0.3) = 18
+    rows = mask.any(dim=1).nonzero().flatten()
+    assert rows.tolist() == list(range(7, 25)) == mask.any(dim=0).nonzero().flatten().tolist()
+    assert int(bs.subject_mask(2).sum()) == 1  # never empty
+
+
+def test_bounds_hand_computed():
+    assert bs.sharing_bound(4, 324, 1024) == pytest.approx(1 + 324 * 3 / 1024)
+    assert bs.rfh_extra(4, 324, 1024, 640) == pytest.approx(3 * 324 ** 2 * 640 / (4 * 1024 * 640 ** 2
+                                                                                  + 2 * 1024 ** 2 * 640))
+
+
+def test_timed_calls_do_the_work_they_claim():
+    """Sharing changes the output, RFH changes it again, and plain attention runs after the hooks are gone."""
+    torch.manual_seed(0)
+    side, frames, channels = 4, 3, 16
+    module = bench.MultiHeadSelfAttention(channels, 2)
+    hidden = torch.randn(frames, side * side, channels)
+    mask = bs.subject_mask(side)
+    plain = module(hidden)
+
+    def hooked(rfh_strength: float) -> torch.Tensor:
+        hooks = install_storysync_hooks([(("output", 3, 0), module)], [],
+                                        bs.storysync_state(frames, side, 1, mask, rfh_strength))
+        try:
+            return module(hidden)
+        finally:
+            remove_hooks(hooks)
+
+    shared, rfh = hooked(0.0), hooked(0.3)
+    assert not torch.allclose(shared, plain) and not torch.allclose(rfh, shared)
+    assert torch.equal(module(hidden), plain)
+
+
+def test_tiny_run_prints_both_parts(capsys, monkeypatch):
+    for module, name, value in ((bench, "FRAME_COUNTS", (2,)), (bench, "RATES", (0.5,)), (bs, "FRAME_COUNTS", (2, 3))):
+        monkeypatch.setattr(module, name, value)
+    cli.main(["--device", "cpu", "--side-divisor", "16", "--repeats", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    csa = [i for i, line in enumerate(lines) if line.startswith("worst time ratio / FLOPs bound: ")]
+    assert len(csa) == 1 and csa[0] < len(lines) - 1  # the CSA summary, then the StorySync part
+    assert lines[-1].startswith("storysync worst time ratio / FLOPs bound: ")
+    assert float(lines[-1].rsplit(" ", 1)[1]) > 0
+    assert sum(" sharing+RFH " in line for line in lines) == 2 * len(bs.FRAME_COUNTS)  # the two level-1 cases
+    cli.main(["--device", "cpu", "--side-divisor", "16", "--repeats", "1", "--only", "csa"])
+    assert "storysync" not in capsys.readouterr().out
+
+
+def test_whole_unet_bench_runs_every_storysync_step_on_a_tiny_real_unet():
+    pytest.importorskip("diffusers")
+    from lib_consistency.bench import storysync_unet as bu
+    tiny = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+                cross_attention_dim=24, norm_num_groups=8, attention_head_dim=8)
+    lines = []
+    figures = bu.run("sd15", "cpu", torch.float32, frames=3, repeats=1, latent_side=16, unet_config=tiny,
+                     print_fn=lines.append)
+    assert 0 < figures["subject"] < 1  # masks came from the UNet's own cross-attention
+    assert figures["flops_ratio"] > 1.01 and figures["time_ratio"] > 0  # the shared keys and values cost FLOPs
+    assert len(lines) == 2 and lines[1].startswith("storysync-unet time ratio ")
+
+
+def test_diffusers_names_map_to_ldm_addresses():
+    from lib_consistency.bench.storysync_unet import ldm_address
+    assert ldm_address("down_blocks.1.attentions.1.transformer_blocks.3.attn1", 2) == (("input", 5, 3), "attn1")
+    assert ldm_address("up_blocks.0.attentions.2.transformer_blocks.9.attn2", 2) == (("output", 2, 9), "attn2")
+    assert ldm_address("up_blocks.2.attentions.0.transformer_blocks.0.attn1", 2) == (("output", 6, 0), "attn1")
+    assert ldm_address("mid_block.attentions.0.transformer_blocks.4.attn1", 2) == (("middle", 0, 4), "attn1")
+    assert ldm_address("down_blocks.1.resnets.0", 2) == (None, None)
