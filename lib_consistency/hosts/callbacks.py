@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from modules import shared
 
-from . import pipeline
+from . import a1111, pipeline
 from .guard import kept
 from .oneactor import create as oneactor_create, generation as oneactor
 
@@ -76,4 +76,4 @@ def on_script_unloaded() -> None:
     model = getattr(shared, "sd_model", None)
     unet = getattr(getattr(model, "model", None), "diffusion_model", None)
     if unet is not None:
-        pipeline.sweep_stale(unet)
+        a1111.sweep_stale(unet)

@@ -1,8 +1,9 @@
 """One story generation through the WebUI's script hooks (hosts.md §1-6, §15.4), for A1111 1.10 and Forge.
 
 The two hosts differ only in how attention is reached: on A1111 instance-level hooks on the UNet's attention modules
-(installed around ``p.sample``, removed in ``finally``); on Forge replace patches on a cloned UNet patcher
-(``hosts/forge.py``, registered from ``process_before_every_sampling``).
+(``a1111.py``: installed around ``p.sample``, removed in ``finally``); on Forge replace patches on a cloned UNet
+patcher (``forge.py``, registered from ``process_before_every_sampling``). Both are surfaces (``surfaces/``) over
+the same method states built here.
 
 Flow for one job (``p`` = the processing object; every per-generation fact lives in a ``StoryGeneration`` stored
 on ``p``, never on the Script, which the txt2img tab, the img2img tab and the API share):
@@ -34,14 +35,13 @@ from ..story_diffusion.consistent_self_attention import CsaSettings
 from ..story_diffusion.reference_bank import ReferenceBank
 from ..story_diffusion.state import BankMode, ConsistencyState
 from ..story_sync.state import StorySyncState
-from ..surfaces.attention_modules import install_csa_hooks, install_identity_hooks, install_storysync_hooks
-from ..surfaces.instance_hooks import ldm_layer_address, remove_stale_hooks
 from ..surfaces.reach import Reach
+from . import a1111
 from .coexist import (check_host_prompts, controlnet_batch_inputs, forge_controlnet_inputs, hypertile_refusal,
                       keep_dynamic_prompts_off, restore_controlnet_inputs, split_controlnet_mark, with_controlnet_mark)
 from .conditioning import SDXL_POOLED_WIDTH, batch_conditioning
 from .forge import is_forge, patch_unet
-from .guard import SamplingGuard, checked_sampling, sweep, unet_module, want_surfaces
+from .guard import SamplingGuard, checked_sampling, unet_module, want_surfaces
 from .prepass import run_vanilla_prepass, wants_prepass
 from .storysync import mask_images, storysync_state
 from .ui import STYLE_INFOTEXT_KEY
@@ -75,36 +75,6 @@ class StoryGeneration:
         self.postprocess_error: Exception | None = None  # raised from p.close (the host swallows postprocess's)
 
 
-def _unet(p) -> torch.nn.Module:
-    return p.sd_model.model.diffusion_model
-
-
-def _row_cursor_hook(generation: StoryGeneration):
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs.get("x")
-        if generation.sampling and isinstance(x, torch.Tensor):
-            layout = generation.cursor.next_call(x.shape[0])
-            if generation.csa is not None:
-                generation.csa.begin_unet_call(layout, tuple(x.shape[-2:]))
-            if generation.storysync is not None:
-                generation.storysync.begin_unet_call(layout, tuple(x.shape[-2:]))
-            if generation.ipca is not None:
-                generation.ipca.layout = layout
-        return None
-    hook.consistent_story_row_cursor = True  # lets a later run's sweep recognise a leftover
-    return hook
-
-
-def sweep_stale(unet: torch.nn.Module) -> None:
-    """Remove hooks a failed or interrupted run left on the UNet (next run's first action, and on unload)."""
-    remove_stale_hooks(unet)
-    sweep(unet)
-    for key, hook in list(unet._forward_pre_hooks.items()):
-        if getattr(hook, "consistent_story_row_cursor", False):
-            del unet._forward_pre_hooks[key]
-            unet._forward_pre_hooks_with_kwargs.pop(key, None)
-
-
 def settings_for(p, args: Sequence[Any]) -> Settings:
     settings = Settings.from_args(list(args))
     overrides = dict(getattr(p, OVERRIDES_ATTR, {}))
@@ -128,14 +98,14 @@ def refusal(p, settings: Settings) -> str | None:
     if any(_AND.search(text) for text in prompts + [settings.story]):
         return "'AND' prompts (composable diffusion) are not supported"
     if settings.csa and not is_forge(p):
-        return hypertile_refusal(p, _unet(p), settings.csa_layers)
+        return hypertile_refusal(p, a1111.ldm_unet(p), settings.csa_layers)
     return None
 
 
 def before_process(p, args: Sequence[Any]) -> None:
     unet = unet_module(p.sd_model)
     if unet is not None:  # before the first load (Forge) there is none
-        sweep_stale(unet)
+        a1111.sweep_stale(unet)
     if getattr(p, "_ad_inner", False) or getattr(p, "txt2img_upscale", False) or hasattr(p, RUN_ATTRIBUTE):
         return  # nested or repeated run: the outer job owns the story
     try:
@@ -230,17 +200,12 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
     p.sample, p.close = checked_sampling(p, sample), close  # errors kept from swallowing hooks: raised (guard.py)
 
 
-def _attention_layers(unet: torch.nn.Module, kind: str) -> list:
-    """(layer address, module) of every ``kind`` (attn1 / attn2) attention module of an ldm-named UNet."""
-    return [(a, m) for n, m in unet.named_modules() if (a := ldm_layer_address(n, kind))]
-
-
 def install(p, generation: StoryGeneration) -> None:
-    """Build this batch's conditioning and install the hooks (called at the start of every ``p.sample``)."""
+    """Build this batch's conditioning and method states, then reach the model: on A1111 the attention hooks and the
+    row cursor (``a1111.py``); on Forge the patches come from ``process_before_every_sampling``. Called at the start
+    of every ``p.sample``."""
     settings, plan = generation.settings, generation.plan
     frames = list(plan.batch_frames(p.iteration))
-    forge = is_forge(p)
-    reach = generation.reach
     if settings.consolidate:
         generation.conditioning = batch_conditioning(p, generation)
         generation.batch_contexts = torch.stack(generation.conditioning.contexts(frames))
@@ -250,18 +215,12 @@ def install(p, generation: StoryGeneration) -> None:
     if settings.ipca and settings.consolidate:
         generation.ipca = IdentityAttentionState(generation.conditioning.identity_positions(),
                                                  settings.ipca_dropout, plan.seeds[0])
-        if not forge:
-            generation.hooks += install_identity_hooks(_attention_layers(_unet(p), "attn2"), generation.ipca,
-                                                       reach=reach)
     if settings.masked_sharing:
         if generation.storysync is None:
             generation.storysync = storysync_state(p, generation.settings, generation.plan)
         state = generation.storysync
         state.bank_mode = BankMode.OFF if plan.batch_count == 1 or not state.reference_frames else \
             BankMode.WRITE if p.iteration == 0 else BankMode.READ
-        if not forge:
-            generation.hooks += install_storysync_hooks(_attention_layers(_unet(p), "attn1"),
-                                                        _attention_layers(_unet(p), "attn2"), state, reach=reach)
     elif settings.csa:
         if generation.csa is None:
             generation.csa = ConsistencyState(CsaSettings(settings.csa_rate, settings.csa_schedule,
@@ -270,11 +229,8 @@ def install(p, generation: StoryGeneration) -> None:
                                               bank=ReferenceBank(offload_to_cpu=settings.bank_on_cpu))
         if plan.reference_frames:
             generation.csa.bank_mode = BankMode.WRITE if p.iteration == 0 else BankMode.READ
-        if not forge:
-            generation.hooks += install_csa_hooks(_attention_layers(_unet(p), "attn1"), generation.csa, reach=reach)
-    if not forge:  # Forge reads the rows from cond_or_uncond in its patches
-        generation.unet_hook_handle = _unet(p).register_forward_pre_hook(_row_cursor_hook(generation),
-                                                                         with_kwargs=True)
+    if not is_forge(p):
+        a1111.install_hooks(p, generation)
     unet = unet_module(p.sd_model)
     want_surfaces(generation.reach, settings, unet)
     generation.guard.install(unet)  # every UNet call of this p.sample (hires and the BLI pre-pass too)
