@@ -27,7 +27,7 @@ class BankMode(enum.Enum):
 
 
 class ConsistencyState:
-    """Everything one generation's CSA hooks need (style.md §5.5: explicit state, no module globals).
+    """Everything one generation's CSA surfaces need (style.md §5.5: explicit state, no module globals).
 
     The adapter sets ``layout`` / ``latent_hw`` per UNet call (``begin_unet_call``), the step per denoiser call
     (``begin_step``), ``bank_mode`` per batch, and calls ``close()`` when the generation ends.
