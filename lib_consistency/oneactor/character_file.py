@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,8 +27,7 @@ import torch
 
 from ..common.atomic_file import write_atomically
 from . import safetensors_codec as codec
-from .safetensors_codec import DTYPE_NAMES  # noqa: F401  (part re-exported)
-from .safetensors_codec import DTYPES, MAX_HEADER_BYTES, is_int
+from .safetensors_codec import DTYPE_NAMES, DTYPES, MAX_HEADER_BYTES, is_int  # noqa: F401  (part re-exported)
 
 FORMAT = "consistent-story-oneactor"
 FORMAT_VERSION = 1
@@ -82,18 +82,50 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 
 # --- the character ---------------------------------------------------------------------------------------------
+# Device names Windows reserves in every folder, whatever the extension ("CON.safetensors" cannot be created), the
+# superscript-digit forms included; compared case-insensitively with the part before the first '.'.
+WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+                             | {f"{port}{digit}" for port in ("COM", "LPT") for digit in "0123456789¹²³"})
+SUFFIXES = (".safetensors", ".preview.png")  # the files a character name becomes (file, card preview)
+MAX_FILE_NAME_BYTES = 255  # ext4, APFS and NTFS (UTF-16 units there; fewer than UTF-8 bytes for any name)
+
+
+def character_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a character name portable across Windows, macOS and Linux, or None when it can.
+
+    Letters, digits, space and ``_-.``; 1-64 characters; no leading '.', no leading/trailing space or trailing '.'
+    (Windows drops those, so the file would load under another name); not a Windows device name, with or without an
+    extension; in Unicode NFC form (macOS file systems normalise names, so another form would be a second name on
+    Linux for what macOS shows as one); short enough in UTF-8 for the longest file it becomes."""
+    if not isinstance(name, str):
+        return f"must be text, got {type(name).__name__}"
+    if not 1 <= len(name) <= 64:
+        return f"must be 1-64 characters long, got {len(name)}"
+    bad = sorted({c for c in name if not (c.isalnum() or c in " _-.")})
+    if bad:
+        return f"may hold only letters, digits, spaces and _-. (not {', '.join(repr(c) for c in bad)})"
+    if name.startswith((".", " ")) or name.endswith((".", " ")):
+        return "may not start with '.' or a space, nor end with '.' or a space"
+    stem = name.split(".")[0].rstrip(" ").upper()
+    if stem in WINDOWS_RESERVED:
+        return f"'{name.split('.')[0]}' is a device name Windows reserves (with any extension); choose another name"
+    if unicodedata.normalize("NFC", name) != name:
+        return f"must be in Unicode NFC form: {unicodedata.normalize('NFC', name)!r} is the same name on macOS"
+    longest = max(len(suffix) for suffix in SUFFIXES)
+    if len(name.encode("utf-8")) + longest > MAX_FILE_NAME_BYTES:
+        return f"is {len(name.encode('utf-8'))} bytes in UTF-8; at most {MAX_FILE_NAME_BYTES - longest} fit a file name"
+    return None
+
+
 def valid_character_name(name: str) -> bool:
-    """Letters, digits, space and ``_-.``; 1-64 characters; no leading '.', no leading/trailing space or trailing
-    '.' (our choice: Windows drops those, so the file would load under another name)."""
-    return (isinstance(name, str) and 1 <= len(name) <= 64 and all(c.isalnum() or c in " _-." for c in name)
-            and not name.startswith((".", " ")) and not name.endswith((".", " ")))
+    return character_name_problem(name) is None
 
 
 def check_character_name(name: str) -> str:
-    """``name`` if ``valid_character_name``, else ``CharacterNameError`` naming it."""
-    if not valid_character_name(name):
-        raise CharacterNameError(f"invalid OneActor character name {name!r}: use 1-64 letters, digits, spaces and "
-                                 "_-. (not first or last: '.', space)")
+    """``name`` if ``valid_character_name``, else ``CharacterNameError`` naming it and the reason."""
+    problem = character_name_problem(name)
+    if problem is not None:
+        raise CharacterNameError(f"invalid OneActor character name {name!r}: {problem}")
     return name
 
 

@@ -184,6 +184,9 @@ def test_request_defaults_sizes_and_validation():
     ({"name": "x", "prompt": "a hobbit", "base_word": "dwarf"}, "field 'base_word': 'dwarf' does not occur"),
     ({"name": "x", "prompt": "a hobbit", "base_word": "two words"}, "field 'base_word': 'two words' must be one"),
     ({"name": "../x", "prompt": "a hobbit", "base_word": "hobbit"}, "field 'name'"),
+    ({"name": "Con", "prompt": "a hobbit", "base_word": "hobbit"}, "field 'name': invalid OneActor character name "
+                                                                   "'Con': 'Con' is a device name Windows reserves"),
+    ({"name": "lpt1.v2", "prompt": "a hobbit", "base_word": "hobbit"}, "field 'name'.*'lpt1' is a device name"),
     ({"name": "x", "prompt": "a hobbit", "base_word": "hobbit", "steps": "30"}, "field 'steps': expected int"),
     ({"name": "x", "prompt": "a hobbit", "base_word": "hobbit", "auxiliaries": 0}, "'auxiliaries': 0 is out of"),
     ({"name": "x", "prompt": "a hobbit", "base_word": "hobbit", "width": 300}, "'width': 300 must be 0"),
