@@ -48,6 +48,23 @@ class CreateRequest:
 
     _RANGES = {"seed": (-1, 2 ** 32 - 1), "auxiliaries": (1, 32), "tuning_steps": (1, 5000), "steps": (1, 150),
                "cfg_scale": (1.0, 30.0), "width": (0, 4096), "height": (0, 4096)}
+    _DESCRIPTIONS = {
+        "name": "the character's name and file name: 1-64 letters, digits, spaces and _-., portable to Windows, "
+                "macOS and Linux (no device names such as CON)",
+        "prompt": "the prompt of the target image (LoRA tags work as in txt2img)",
+        "base_word": "the one word of the prompt that names the character, e.g. 'hobbit'",
+        "negative_prompt": "the target's negative prompt",
+        "seed": "the target's seed (auxiliary i uses seed + i); -1: random, recorded in the file",
+        "auxiliaries": "how many auxiliary images to make",
+        "tuning_steps": "projector tuning steps",
+        "steps": "sampler steps of each generated image",
+        "cfg_scale": "CFG scale of each generated image",
+        "sampler_name": "the WebUI's sampler name; empty: its default",
+        "width": "width of the images; 0: 1024 for SDXL, 512 for SD1.5; else a multiple of 64 from 256",
+        "height": "height of the images; 0: 1024 for SDXL, 512 for SD1.5; else a multiple of 64 from 256",
+        "human": "human-subject prompt templates while tuning",
+        "overwrite": "replace a character file of the same name",
+    }
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -98,3 +115,20 @@ class CreateRequest:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        """The request body as JSON Schema, for the API's ``/openapi.json``: every field with its type, default,
+        range and description; the validation itself stays ``from_dict`` (same messages for every client)."""
+        kinds = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
+        properties = {}
+        for f in dataclasses.fields(cls):
+            entry: dict[str, Any] = {"title": f.name, "type": kinds[f.type], "description": cls._DESCRIPTIONS[f.name]}
+            if f.default is not dataclasses.MISSING:
+                entry["default"] = f.default
+            if f.name in cls._RANGES:
+                entry["minimum"], entry["maximum"] = cls._RANGES[f.name]
+            properties[f.name] = entry
+        return {"title": "OneActorCreateRequest", "type": "object", "properties": properties,
+                "required": [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING],
+                "additionalProperties": False}
