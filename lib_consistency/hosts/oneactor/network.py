@@ -22,7 +22,7 @@ PAGE_TITLE = "OneActor"
 
 
 class OneActorNetwork(extra_networks.ExtraNetwork):
-    """``<oneactor:NAME>`` / ``<oneactor:NAME:v>``; the work is in ``hosts/oneactor.py``."""
+    """``<oneactor:NAME>`` / ``<oneactor:NAME:v>``; the work is in ``generation.py``."""
 
     def __init__(self):
         super().__init__(oneactor.NETWORK)
