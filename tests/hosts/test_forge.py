@@ -2,7 +2,6 @@
 replace patches giving exactly what the A1111 module hooks give on the same attention module."""
 from __future__ import annotations
 
-import copy
 import types
 
 import pytest
@@ -18,49 +17,26 @@ from lib_consistency.surfaces.attention_modules import install_csa_hooks, instal
 from lib_consistency.surfaces.forge_patches import TRANSFORMER_OPTION, ForgeRunState, csa_replace, ipca_replace
 from lib_consistency.surfaces.instance_hooks import remove_stale_hooks
 from tests.fake_webui import ToyAttention
-from tests.forge_standin import attention_function
+from tests.forge_standin import ForgeClassicPatcher, attention_function
 
 LAYER = ("output", 3, 0)
 
 
-class FakeUnetPatcher:
-    """Records what ``backend.patcher.unet.UnetPatcher`` would store; ``clone`` deep-copies the options."""
+class FakeUnetPatcher(ForgeClassicPatcher):
+    """Records what ``backend.patcher.unet.UnetPatcher`` would store (the stand-in's patcher, no model); also
+    ``set_model_replace_all``, as another extension registers its patch on every block."""
 
-    def __init__(self):
-        self.model_options = {"transformer_options": {}}
-
-    def clone(self):
-        twin = FakeUnetPatcher()
-        twin.model_options = copy.deepcopy(self.model_options)
-        return twin
+    def __init__(self, model=None):
+        super().__init__(model)
 
     def memory_required(self, shape):
         return 1000
-
-    def set_model_patch_replace(self, patch, name, block_name, number, transformer_index=None):
-        """Forge's ``set_model_options_patch_replace``: copies on write, a 2-tuple key without an index."""
-        options = dict(self.model_options["transformer_options"])
-        options["patches_replace"] = dict(options.get("patches_replace", {}))
-        options["patches_replace"][name] = dict(options["patches_replace"].get(name, {}))
-        key = (block_name, number) if transformer_index is None else (block_name, number, transformer_index)
-        options["patches_replace"][name][key] = patch
-        self.model_options["transformer_options"] = options
 
     def set_model_replace_all(self, patch, target="attn1"):
         for block in ("input", "middle", "output"):
             for number in range(16):
                 for index in range(16):
                     self.set_model_patch_replace(patch, target, block, number, index)
-
-    def set_transformer_option(self, key, value):
-        self.model_options["transformer_options"][key] = value
-
-    def set_model_attn1_output_patch(self, patch):
-        patches = self.model_options["transformer_options"].setdefault("patches", {})
-        patches["attn1_output_patch"] = patches.get("attn1_output_patch", []) + [patch]
-
-    def set_memory_peak_estimation_modifier(self, modifier):
-        self.model_options["memory_peak_estimation_modifier"] = modifier
 
 
 def generation(csa=True, ipca=True, batch_size=3):
