@@ -21,6 +21,9 @@ Layers (methods.md §3.2) are addressed as (block, index, transformer) with bloc
   output_blocks 0-5, the official 36 layers (diffusers up_blocks.0/1). On SD1.5 — our choice — output_blocks 3-8;
   output_blocks 9-11 at image/8 are skipped: 4096 tokens per frame at 512², costly and not in the official set.
 - "up": every output-block self-attention; "all": every self-attention layer.
+On a diffusion transformer (``DitDepth``; one token grid, so no resolutions) — our choice — "up_low_res" and "up"
+select the blocks of the second half of the depth (Flux.1: single-stream blocks 10-37, the "decoder" half that the
+UNet's up blocks correspond to); "all" every double- and single-stream block.
 
 Schedule (methods.md §3.5, generalised from "step < 20 of 50"): "official" = plain attention at the first step of a
 pass, then skip sharing with probability 0.3 while step < 40 % of the pass's steps and 0.1 afterwards; "always" =
@@ -36,7 +39,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..common.addresses import LayerAddress, stable_seed
+from ..common.addresses import DIT_BLOCKS, DitDepth, LayerAddress, stable_seed
 from ..common.async_index import device_index, index_tensor
 from ..common.row_layout import Role, RowLayout, TokenGrid
 
@@ -76,10 +79,19 @@ class CsaSettings:
                 raise ValueError(f"CsaSettings.{name} must be one of {allowed}, got {value!r}") from None
 
 
-def layer_is_selected(policy: LayerPolicy, layer: LayerAddress, grid: TokenGrid | None) -> bool:
-    """Whether CSA runs on this self-attention layer; ``grid`` None (size unknown) fails "up_low_res"."""
+DIT_SHARED_FROM = 0.5  # "up" on a transformer: blocks from half the depth on (our choice)
+
+
+def layer_is_selected(policy: LayerPolicy, layer: LayerAddress, grid: TokenGrid | None,
+                      depth: DitDepth | None = None) -> bool:
+    """Whether CSA runs on this self-attention layer; ``grid`` None (size unknown) fails "up_low_res".
+    Transformer blocks ("double" / "single") need the model's ``depth``."""
     if policy is LayerPolicy.ALL:
         return True
+    if layer[0] in DIT_BLOCKS:
+        if depth is None:
+            raise ValueError(f"layer {layer!r} is a transformer block: its model's depth is needed")
+        return depth.position(layer) >= DIT_SHARED_FROM
     if layer[0] != "output":
         return False
     return policy is LayerPolicy.UP or (grid is not None and grid.level in LOW_RES_LEVELS)

@@ -12,7 +12,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ..common.addresses import LayerAddress, StepKey, layer_key, stable_seed
+from ..common.addresses import DitDepth, LayerAddress, StepKey, layer_key, stable_seed
 from ..common.row_layout import UNKNOWN_LAYOUT, RowLayout, token_grid
 from .consistent_self_attention import (ContextGroup, CsaSettings, SharingPlan, contexts_with_row_extras,
                                         in_batch_contexts, layer_is_selected, plan_in_batch_sharing,
@@ -35,8 +35,9 @@ class ConsistencyState:
 
     def __init__(self, settings: CsaSettings, run_seed: int, frame_groups: Mapping[int, Iterable[str]],
                  bank_mode: BankMode = BankMode.OFF, reference_frames: Iterable[int] = (),
-                 bank: ReferenceBank | None = None) -> None:
+                 bank: ReferenceBank | None = None, depth: DitDepth | None = None) -> None:
         self.settings = settings
+        self.depth = depth  # a diffusion transformer's blocks (None: a UNet)
         self.run_seed = int(run_seed)
         if any(isinstance(chars, str) for chars in frame_groups.values()):
             raise ValueError("ConsistencyState.frame_groups: give each frame a set of character names, not a string")
@@ -81,7 +82,7 @@ class ConsistencyState:
         settings = self.settings
         grid = token_grid(num_tokens, self.latent_hw) if self.latent_hw is not None else None
         count = sampled_token_count(num_tokens, settings.rate)
-        if count == 0 or not layer_is_selected(settings.layer_policy, layer, grid):
+        if count == 0 or not layer_is_selected(settings.layer_policy, layer, grid, self.depth):
             return None
         key = layer_key(layer)
         if not share_at_step(settings.schedule, step.step_index, self.total_steps,

@@ -19,6 +19,13 @@ step per denoiser call, from the host, never by counting):
 3. Self-attention, output side, at ``RFH_LEVEL`` up blocks (SDXL output_blocks 3-5, SD1.5 6-8) within the RFH
    window, cond rows: Regional Feature Harmonization (paper Eqs. 9-11, ``harmonization``).
 
+On a diffusion transformer (``depth``: Flux's double- and single-stream blocks, one joint text+image attention
+each; ``surfaces/dit_attention``) the same three parts sit by depth -- our choice, the paper's Flux code is not
+public: maps from the joint attention of every double-stream block (image queries over the subject's text tokens),
+binarised at the first single-stream block; sharing where the layer policy says (``layer_is_selected``: "up" = the
+second half of the depth); RFH on the image tokens' attention output of the blocks in ``DIT_RFH_RANGE`` of the depth.
+The token grid is the transformer's own (one level), so there is no ``MASK_LEVEL`` / ``RFH_LEVEL``.
+
 Reference subset (paper Eq. 13): with ``reference_frames`` set, only those frames are sources of sharing and RFH
 for the others. When they are generated in an earlier batch, their self-attention inputs, RFH features and masks are
 written to the bank (``BankMode.WRITE``) and later batches read them (``BankMode.READ``): memory flat in story
@@ -32,7 +39,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..common.addresses import LayerAddress, StepKey, layer_key, stable_seed
+from ..common.addresses import DitDepth, LayerAddress, StepKey, layer_key, stable_seed
 from ..common.async_index import index_tensor
 from ..common.row_layout import UNKNOWN_LAYOUT, Role, RowLayout, token_grid
 from ..story_diffusion.consistent_self_attention import (ContextGroup, LayerPolicy, Schedule, attend_in_groups,
@@ -45,6 +52,7 @@ from .subject_masks import MaskAccumulator, binarize, character_maps, drop_mask,
 
 MASK_LEVEL = 2
 RFH_LEVEL = 1
+DIT_RFH_RANGE = (0.5, 0.75)  # depth fractions of the transformer blocks where RFH runs (our choice)
 Attention = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # (query input, context) -> output
 
 
@@ -77,8 +85,9 @@ class StorySyncState:
     def __init__(self, settings: StorySyncSettings, run_seed: int, frame_groups: Mapping[int, frozenset[str]],
                  subject_columns: Mapping[int, Mapping[str, Sequence[int]]],
                  reference_frames: Sequence[int] | None = None, bank: ReferenceBank | None = None,
-                 bli_cache: ReferenceBank | None = None) -> None:
+                 bli_cache: ReferenceBank | None = None, depth: DitDepth | None = None) -> None:
         self.settings = settings
+        self.depth = depth  # a diffusion transformer's blocks (None: a UNet)
         self.run_seed = int(run_seed)
         self.frame_groups = {int(f): frozenset(c) for f, c in frame_groups.items()}
         # frame -> (characters in order, token columns, per character its slice of the columns)
@@ -132,13 +141,30 @@ class StorySyncState:
         s = self.settings
         return self.step.pass_index == 0 and s.bli_strength > 0 and self._fraction() < s.bli_window
 
+    # --- where each part runs: UNet levels or transformer depth ---------------------------------------------
+    def _maps_at(self, layer: LayerAddress, grid) -> bool:
+        if self.depth is not None:
+            return layer[0] == "double"
+        return layer[0] != "output" and grid.level == MASK_LEVEL
+
+    def _masks_due(self, layer: LayerAddress) -> bool:
+        """The first self-attention after every map layer of the call: the masks of this call are final."""
+        return layer[0] == ("single" if self.depth is not None else "output")
+
+    def _harmonizes_at(self, layer: LayerAddress, grid) -> bool:
+        if self.depth is not None:
+            start, end = DIT_RFH_RANGE
+            return start <= self.depth.position(layer) < end
+        return layer[0] == "output" and grid.level == RFH_LEVEL
+
     # --- cross-attention: subject maps ---------------------------------------------------------------------
     def wants_maps(self, layer: LayerAddress, num_rows: int, num_tokens: int) -> bool:
-        """Whether an attn2 call at ``layer`` with these rows and image tokens contributes to the masks."""
-        if self.phase is not Phase.CONSISTENT or layer[0] == "output" or not self._active(num_rows):
+        """Whether an attn2 call (a double block's joint attention) at ``layer`` with these rows and image tokens
+        contributes to the masks."""
+        if self.phase is not Phase.CONSISTENT or not self._active(num_rows):
             return False
         grid = self._grid(num_tokens)
-        return grid is not None and grid.level == MASK_LEVEL and any(r is Role.COND for r in self.layout.roles)
+        return grid is not None and self._maps_at(layer, grid) and any(r is Role.COND for r in self.layout.roles)
 
     def cond_rows(self) -> list[int]:
         return [r for r, role in enumerate(self.layout.roles) if role is Role.COND]
@@ -214,6 +240,14 @@ class StorySyncState:
         keys/values from ``context`` (None: from ``query_input``). In the vanilla pre-pass the inputs of the BLI
         window are recorded and ``PrePassDone`` is raised at the first self-attention after it.
         """
+        planned = self.self_attention_groups(layer, hidden)
+        return None if planned is None else attend_in_groups(attention, *planned)
+
+    def self_attention_groups(self, layer: LayerAddress, hidden: torch.Tensor
+                              ) -> tuple[torch.Tensor, list[ContextGroup]] | None:
+        """``self_attention``'s plan without the attention: (query input [R, N, C], context groups), rows in no
+        group attending to their own tokens; None = attend plainly. For surfaces whose attention needs more than
+        ``(query_input, context)`` per group (a transformer's own text tokens beside the shared image tokens)."""
         num_rows, num_tokens, _ = hidden.shape
         if not self._active(num_rows):
             return None
@@ -224,7 +258,7 @@ class StorySyncState:
             for row, (frame, role) in enumerate(zip(self.layout.frames, self.layout.roles)):
                 self.bli_cache.write(BankKey(key, self.step, role, frame), hidden[row])
             return None
-        if layer[0] == "output" and self._accumulator.grid is not None:  # the first up block: masks of this call
+        if self._masks_due(layer) and self._accumulator.grid is not None:  # the first up block: this call's masks
             self._finalize_masks()
         grid = self._grid(num_tokens)
         query, own = hidden, hidden
@@ -239,7 +273,7 @@ class StorySyncState:
             rest = tuple(r for r in range(num_rows) if r not in covered)
             if rest:
                 groups = [*groups, ContextGroup(rest, own.index_select(0, index_tensor(rest, own.device)))]
-        return attend_in_groups(attention, query, groups) if groups else None
+        return (query, groups) if groups else None
 
     def _bli_inputs(self, key: str, hidden: torch.Tensor) -> torch.Tensor | None:
         rows = []
@@ -252,7 +286,7 @@ class StorySyncState:
 
     def _sharing_groups(self, layer, key: str, grid, own: torch.Tensor) -> list[ContextGroup]:
         s = self.settings
-        if not layer_is_selected(s.layer_policy, layer, grid) or not share_at_step(
+        if not layer_is_selected(s.layer_policy, layer, grid, self.depth) or not share_at_step(
                 s.schedule, self.step.step_index, self.total_steps, stable_seed(self.run_seed, self.step, key,
                                                                                  "share")):
             return []
@@ -279,11 +313,12 @@ class StorySyncState:
     def harmonize_output(self, layer: LayerAddress, out: torch.Tensor) -> torch.Tensor:
         """Self-attention output side [R, N, C] (after the output projection, before the residual): RFH."""
         s, layout = self.settings, self.layout
-        if self.phase is not Phase.CONSISTENT or not self._active(out.shape[0]) or layer[0] != "output":
+        if self.phase is not Phase.CONSISTENT or not self._active(out.shape[0]):
             return out
         grid = self._grid(out.shape[1])
         start, end = s.rfh_window
-        if grid is None or grid.level != RFH_LEVEL or s.rfh_strength == 0 or not start <= self._fraction() < end:
+        if grid is None or not self._harmonizes_at(layer, grid) or s.rfh_strength == 0 \
+                or not start <= self._fraction() < end:
             return out
         key = layer_key(layer)
         cond = [r for r, role in enumerate(layout.roles) if role is Role.COND]
