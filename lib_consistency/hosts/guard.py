@@ -24,6 +24,7 @@ from typing import Iterator
 
 import torch
 
+from ..surfaces.flux_blocks import flux_blocks, is_flux_model
 from ..surfaces.instance_hooks import ldm_layer_address
 from ..surfaces.reach import CSA, HARMONIZATION, IPCA, SHARING, SUBJECT_MAPS, Reach
 
@@ -128,8 +129,12 @@ def want_surfaces(reach: Reach, settings, unet: torch.nn.Module) -> None:
     """The surfaces ``settings`` ask for, each on every attention layer of its kind of the ldm-named ``unet`` (what
     the pipeline's ``install`` hooks on A1111 and Forge's ``patch_unet`` patches; the same conditions)."""
     reach.clear()
-    layers = {kind: [a for n, _ in unet.named_modules() if (a := ldm_layer_address(n, kind))]
-              for kind in ("attn1", "attn2")}
+    if is_flux_model(unet):  # the DiT surface enters every block; the subject maps only the double-stream ones
+        blocks = [layer for layer, _ in flux_blocks(unet)]
+        layers = {"attn1": blocks, "attn2": [layer for layer in blocks if layer[0] == "double"]}
+    else:
+        layers = {kind: [a for n, _ in unet.named_modules() if (a := ldm_layer_address(n, kind))]
+                  for kind in ("attn1", "attn2")}
     if settings.masked_sharing:
         reach.want(SHARING, layers["attn1"])
         reach.want(HARMONIZATION, layers["attn1"])

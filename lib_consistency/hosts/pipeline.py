@@ -2,7 +2,8 @@
 
 The two hosts differ only in how attention is reached: on A1111 instance-level hooks on the UNet's attention modules
 (``a1111.py``: installed around ``p.sample``, removed in ``finally``); on Forge replace patches on a cloned UNet
-patcher (``forge.py``, registered from ``process_before_every_sampling``). Both are surfaces (``surfaces/``) over
+patcher (``forge.py``, registered from ``process_before_every_sampling``), and for Flux a model wrapper on that
+clone that brings the DiT surface into every model call (``flux.py``). Both are surfaces (``surfaces/``) over
 the same method states built here.
 
 Flow for one job (``p`` = the processing object; every per-generation fact lives in a ``StoryGeneration`` stored
@@ -35,11 +36,13 @@ from ..story_diffusion.consistent_self_attention import CsaSettings
 from ..story_diffusion.reference_bank import ReferenceBank
 from ..story_diffusion.state import BankMode, ConsistencyState
 from ..story_sync.state import StorySyncState
+from ..surfaces.flux_blocks import sweep_flux
 from ..surfaces.reach import Reach
 from . import a1111
 from .coexist import (check_host_prompts, controlnet_batch_inputs, forge_controlnet_inputs, hypertile_refusal,
                       keep_dynamic_prompts_off, restore_controlnet_inputs, split_controlnet_mark, with_controlnet_mark)
 from .conditioning import SDXL_POOLED_WIDTH, batch_conditioning
+from .flux import depth_of, flux_model, flux_refusal, patch_flux
 from .forge import is_forge, patch_unet
 from .guard import SamplingGuard, checked_sampling, unet_module, want_surfaces
 from .prepass import run_vanilla_prepass, wants_prepass
@@ -88,8 +91,10 @@ def settings_for(p, args: Sequence[Any]) -> Settings:
 def refusal(p, settings: Settings) -> str | None:
     """Why this job cannot run with the story methods, or None (hosts.md §13, §15.4); needs the loaded model."""
     model = p.sd_model
+    if flux_model(p) is not None:
+        return flux_refusal(settings)
     if not (getattr(model, "is_sdxl", False) or getattr(model, "is_sd1", False)):
-        return "only SD1.x and SDXL checkpoints are supported"
+        return "only SD1.x, SDXL and (in Forge) Flux checkpoints are supported"
     if getattr(sd_unet, "current_unet", None) is not None:
         return "a replaced UNet (SD UNet setting, e.g. TensorRT) bypasses the attention hooks"
     if getattr(p, "refiner_checkpoint_info", None) is not None:
@@ -106,6 +111,7 @@ def before_process(p, args: Sequence[Any]) -> None:
     unet = unet_module(p.sd_model)
     if unet is not None:  # before the first load (Forge) there is none
         a1111.sweep_stale(unet)
+        sweep_flux(unet)
     if getattr(p, "_ad_inner", False) or getattr(p, "txt2img_upscale", False) or hasattr(p, RUN_ATTRIBUTE):
         return  # nested or repeated run: the outer job owns the story
     try:
@@ -217,7 +223,7 @@ def install(p, generation: StoryGeneration) -> None:
                                                  settings.ipca_dropout, plan.seeds[0])
     if settings.masked_sharing:
         if generation.storysync is None:
-            generation.storysync = storysync_state(p, generation.settings, generation.plan)
+            generation.storysync = storysync_state(p, generation.settings, generation.plan, depth_of(p))
         state = generation.storysync
         state.bank_mode = BankMode.OFF if plan.batch_count == 1 or not state.reference_frames else \
             BankMode.WRITE if p.iteration == 0 else BankMode.READ
@@ -226,7 +232,8 @@ def install(p, generation: StoryGeneration) -> None:
             generation.csa = ConsistencyState(CsaSettings(settings.csa_rate, settings.csa_schedule,
                                                           settings.csa_layers), plan.seeds[0], plan.frame_groups(),
                                               reference_frames=plan.reference_frames,
-                                              bank=ReferenceBank(offload_to_cpu=settings.bank_on_cpu))
+                                              bank=ReferenceBank(offload_to_cpu=settings.bank_on_cpu),
+                                              depth=depth_of(p))
         if plan.reference_frames:
             generation.csa.bank_mode = BankMode.WRITE if p.iteration == 0 else BankMode.READ
     if not is_forge(p):
@@ -243,6 +250,9 @@ def process_before_every_sampling(p, latent=None) -> None:
     shape). The host swallows errors here: the script runs this under ``guard.kept``."""
     generation = getattr(p, RUN_ATTRIBUTE, None)
     if generation is None or not generation.sampling or not is_forge(p):
+        return
+    if flux_model(p) is not None:
+        patch_flux(p, generation)
         return
     from backend.attention import attention_function
     patch_unet(p, generation, attention_function, None if latent is None else tuple(latent.shape))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from modules import extra_networks
 
+from ..common.addresses import DitDepth
 from ..settings import Settings
 from ..story.run import StoryRunPlan, storysync_references
 from ..story_diffusion.consistent_self_attention import LayerPolicy, Schedule
@@ -14,24 +15,33 @@ from ..story_sync.state import StorySyncSettings, StorySyncState
 from ..story_sync.subject_tokens import (consolidated_identity_pieces, frame_prompt_pieces, story_subjects,
                                          subject_positions)
 from .storyboard import mask_overlay
-from .tokenizers import required_tokenizers
+from .tokenizers import required_tokenizers, t5_tokenizer
 
 
-def storysync_state(p, settings: Settings, plan: StoryRunPlan) -> StorySyncState:
+def storysync_state(p, settings: Settings, plan: StoryRunPlan, depth: DitDepth | None = None) -> StorySyncState:
     """StorySync's state: subject-token columns of every frame from the host's tokenizer (methods.md §5.1 step 1:
-    the characters' descriptions, or their chosen words; with 1Prompt1Story consolidation the identity span)."""
+    the characters' descriptions, or their chosen words; with 1Prompt1Story consolidation the identity span).
+    ``depth``: a Flux transformer's blocks; its text keys are T5's tokens (no start token, no 75-token chunk)."""
     story = plan.story
-    tokenize = required_tokenizers(p.sd_model, "StorySync cannot find the subject tokens")[0][1]
+    place = {}
+    if depth is not None:
+        tokenize = t5_tokenizer(p.sd_model)
+        if tokenize is None:
+            raise RuntimeError("the Flux checkpoint has no T5 tokenizer with tokenize_line; StorySync cannot find "
+                               "the subject tokens")
+        place = {"first": 0, "limit": None}
+    else:
+        tokenize = required_tokenizers(p.sd_model, "StorySync cannot find the subject tokens")[0][1]
     subjects = story_subjects(story)
     style_text, _ = extra_networks.parse_prompt(plan.style)
     groups = plan.frame_groups()
     if settings.consolidate:
-        identity = subject_positions(consolidated_identity_pieces(story, style_text), tokenize, subjects)
+        identity = subject_positions(consolidated_identity_pieces(story, style_text), tokenize, subjects, **place)
         columns = {f: {c: identity[c] for c in sorted(groups[f]) if c in identity} for f in groups}
     else:
         columns = {}
         for f in groups:
-            found = subject_positions(frame_prompt_pieces(story, f, style_text), tokenize, subjects)
+            found = subject_positions(frame_prompt_pieces(story, f, style_text), tokenize, subjects, **place)
             columns[f] = {c: found[c] for c in sorted(groups[f]) if c in found}
     references = storysync_references(settings, plan)
     storysync = StorySyncSettings(settings.mask_dropout, settings.share_dropout, settings.rfh_strength,
@@ -40,7 +50,7 @@ def storysync_state(p, settings: Settings, plan: StoryRunPlan) -> StorySyncState
                                   Schedule(settings.csa_schedule))
     return StorySyncState(storysync, plan.seeds[0], groups, columns, references,
                           ReferenceBank(offload_to_cpu=settings.bank_on_cpu),
-                          ReferenceBank(offload_to_cpu=settings.bli_cache_on_cpu))
+                          ReferenceBank(offload_to_cpu=settings.bli_cache_on_cpu), depth)
 
 
 def mask_images(state: StorySyncState | None, plan: StoryRunPlan, processed) -> list:

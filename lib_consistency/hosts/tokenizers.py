@@ -74,3 +74,22 @@ def required_tokenizers(model: Any, purpose: str) -> list[tuple[str, Tokenizer]]
     if not found:
         raise RuntimeError(f"the checkpoint has no CLIP tokenizer with tokenize_line; {purpose}")
     return found
+
+
+def t5_tokenizer(model: Any) -> Tokenizer | None:
+    """Forge's and Neo's Flux T5 engine (``text_processing_engine_t5``) as ``text -> [(id, weight, None)]``: the
+    content tokens of its first chunk, before the end token. Host contract (``backend/text_processing/t5_engine.py``):
+    ``tokenize_line(text) -> (chunks, count)``, a chunk's ``tokens`` being the content, the end token and padding to
+    the engine's minimum length; the T5 context has no start token (the first content token is position 0)."""
+    engine = getattr(model, "text_processing_engine_t5", None)
+    if not hasattr(engine, "tokenize_line"):
+        return None
+
+    def tokenize(text: str) -> list[TokenItem]:
+        chunks, _ = engine.tokenize_line(text)
+        items: list[TokenItem] = []
+        for chunk in chunks:
+            end = chunk.tokens.index(engine.id_end) if engine.id_end in chunk.tokens else len(chunk.tokens)
+            items += [(int(chunk.tokens[j]), float(chunk.multipliers[j]), None) for j in range(end)]
+        return items
+    return tokenize

@@ -23,7 +23,8 @@ On a diffusion transformer (``depth``: Flux's double- and single-stream blocks, 
 each; ``surfaces/dit_attention``) the same three parts sit by depth -- our choice, the paper's Flux code is not
 public: maps from the joint attention of every double-stream block (image queries over the subject's text tokens),
 binarised at the first single-stream block; sharing where the layer policy says (``layer_is_selected``: "up" = the
-second half of the depth); RFH on the image tokens' attention output of the blocks in ``DIT_RFH_RANGE`` of the depth.
+second half of the depth); RFH on the image tokens' attention output of the blocks in ``DIT_RFH_RANGE`` of the depth;
+BLI on the double-stream blocks.
 The token grid is the transformer's own (one level), so there is no ``MASK_LEVEL`` / ``RFH_LEVEL``.
 
 Reference subset (paper Eq. 13): with ``reference_frames`` set, only those frames are sources of sharing and RFH
@@ -151,6 +152,12 @@ class StorySyncState:
         """The first self-attention after every map layer of the call: the masks of this call are final."""
         return layer[0] == ("single" if self.depth is not None else "output")
 
+    def _interpolates_at(self, layer: LayerAddress) -> bool:
+        """BLI's layers: every UNet self-attention (Eq. 12: all l); on a transformer the double-stream blocks only
+        (our choice: the layout forms there, and the vanilla q | k | v of all 57 Flux blocks would be ~3x the
+        memory of the double-stream ones)."""
+        return self.depth is None or layer[0] == "double"
+
     def _harmonizes_at(self, layer: LayerAddress, grid) -> bool:
         if self.depth is not None:
             start, end = DIT_RFH_RANGE
@@ -255,14 +262,15 @@ class StorySyncState:
         if self.phase is Phase.VANILLA:
             if not self.in_bli_window():
                 raise PrePassDone()
-            for row, (frame, role) in enumerate(zip(self.layout.frames, self.layout.roles)):
-                self.bli_cache.write(BankKey(key, self.step, role, frame), hidden[row])
+            if self._interpolates_at(layer):
+                for row, (frame, role) in enumerate(zip(self.layout.frames, self.layout.roles)):
+                    self.bli_cache.write(BankKey(key, self.step, role, frame), hidden[row])
             return None
         if self._masks_due(layer) and self._accumulator.grid is not None:  # the first up block: this call's masks
             self._finalize_masks()
         grid = self._grid(num_tokens)
         query, own = hidden, hidden
-        if self.in_bli_window():
+        if self.in_bli_window() and self._interpolates_at(layer):
             cached = self._bli_inputs(key, hidden)
             if cached is not None:
                 query = torch.lerp(hidden, cached, self.settings.bli_strength)

@@ -87,8 +87,8 @@ def _occurrences(needle: list[_Key], tokens: list[_Key]) -> list[int]:
     return [i + j for i in range(len(tokens) - n + 1) if tokens[i:i + n] == needle for j in range(n)]
 
 
-def subject_positions(pieces: Sequence[Piece], tokenize: Tokenizer,
-                      subjects: Mapping[str, Sequence[str]]) -> dict[str, tuple[int, ...]]:
+def subject_positions(pieces: Sequence[Piece], tokenize: Tokenizer, subjects: Mapping[str, Sequence[str]],
+                      first: int = 1, limit: int | None = CHUNK_CONTENT_TOKENS) -> dict[str, tuple[int, ...]]:
     """Each owner's subject-token positions in the 77-token context of ``"".join(text for text, _ in pieces)``.
 
     Args:
@@ -97,8 +97,11 @@ def subject_positions(pieces: Sequence[Piece], tokenize: Tokenizer,
             element is the id (hosts give (id, emphasis weight, embedding name)).
         subjects: chosen subject words per character name; missing or empty means the default rule.
 
-    Returns ``{owner: sorted positions}`` in order of first appearance; positions are 1-based (SOT is 0) and lie
-    in the first chunk. Raises ValueError naming the character when a chosen word is not among its description's
+        first: the context position of the prompt's first token: 1 for CLIP (SOT is 0), 0 for T5 (no start token).
+        limit: the last position a subject token may take (CLIP: the first chunk's 75 tokens); None: no limit (T5
+            in Forge: the context grows with the prompt).
+
+    Returns ``{owner: sorted positions}`` in order of first appearance, positions in the text context. Raises ValueError naming the character when a chosen word is not among its description's
     tokens, when the default rule finds no token, when a subject token lies beyond the first 75 tokens, or when its
     description does not tokenise the same inside the prompt.
     """
@@ -113,7 +116,7 @@ def subject_positions(pieces: Sequence[Piece], tokenize: Tokenizer,
     # A piece starts where the tokens of everything before it end: exact even when punctuation before it merges
     # across a seam ('hat.' then ', ' is one token), since CLIP never merges across the whitespace that precedes
     # a description.
-    starts = [1 + len(keys("".join(text for text, _ in pieces[:p]))) for p in range(len(pieces))]
+    starts = [first + len(keys("".join(text for text, _ in pieces[:p]))) for p in range(len(pieces))]
     result: dict[str, tuple[int, ...]] = {}
     for owner in dict.fromkeys(o for _, o in pieces if o is not None):
         mine = [p for p, (_, o) in enumerate(pieces) if o == owner]
@@ -132,17 +135,17 @@ def subject_positions(pieces: Sequence[Piece], tokenize: Tokenizer,
             if not found:
                 raise ValueError(f"{owner}'s description {description!r} has no subject tokens (only function "
                                  f"words and punctuation); choose subject words after ' | '")
-        if max(found) > CHUNK_CONTENT_TOKENS:
-            raise ValueError(f"{owner}: its description lies beyond the first {CHUNK_CONTENT_TOKENS} tokens of the "
+        if limit is not None and max(found) > limit:
+            raise ValueError(f"{owner}: its description lies beyond the first {limit} tokens of the "
                              f"prompt (a subject token at position {max(found)}); shorten the text before it")
         result[owner] = tuple(sorted(found))
     if result:
-        _verify(pieces, tokens, starts, result, keys("".join(text for text, _ in pieces)))
+        _verify(pieces, tokens, starts, result, keys("".join(text for text, _ in pieces)), first)
     return result
 
 
 def _verify(pieces: Sequence[Piece], tokens: list[list[_Key]], starts: list[int], result: dict[str, tuple[int, ...]],
-            joined: list[_Key]) -> None:
+            joined: list[_Key], first: int = 1) -> None:
     """Every subject position must hold, in the whole prompt's tokens, the token its description put there;
     otherwise ValueError naming the character (a bracket or an embedding name running across its ends)."""
     expected: dict[int, _Key] = {}
@@ -150,7 +153,7 @@ def _verify(pieces: Sequence[Piece], tokens: list[list[_Key]], starts: list[int]
         if owner is not None:
             expected.update({starts[p] + i: key for i, key in enumerate(tokens[p])})
     for owner, positions in result.items():
-        wrong = [pos for pos in positions if pos > len(joined) or joined[pos - 1] != expected[pos]]
+        wrong = [pos for pos in positions if pos - first >= len(joined) or joined[pos - first] != expected[pos]]
         if wrong:
             text = next(t for t, o in pieces if o == owner)
             raise ValueError(f"{owner}'s description {text!r} does not tokenise the same inside the prompt (token "

@@ -99,4 +99,16 @@ class FluxSurface:
                 out = attend(q, k, v)
             return harmonize(self.run, layer, out, text)
         attention.consistent_story_flux = True
+        attention.consistent_story_original = original
         return attention
+
+
+def sweep_flux(model: Any) -> None:
+    """Undo what a surface left on ``model`` if its call never reached ``remove`` (a killed worker thread): block
+    forwards and module ``attention`` functions of ours. A no-op on anything else."""
+    for _, block in flux_blocks(model):
+        if getattr(block.__dict__.get("forward"), "consistent_story_flux", False):
+            del block.forward
+        module = sys.modules.get(type(block).__module__)
+        while getattr(getattr(module, "attention", None), "consistent_story_flux", False):
+            module.attention = module.attention.consistent_story_original

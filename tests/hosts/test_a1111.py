@@ -172,7 +172,7 @@ def test_long_story_writes_then_reads_the_bank(host):
 
 
 @pytest.mark.parametrize("setup, message", [
-    (lambda mods, model, p: setattr(model, "is_sd1", False), "only SD1.x and SDXL"),
+    (lambda mods, model, p: setattr(model, "is_sd1", False), "only SD1.x, SDXL and"),
     (lambda mods, model, p: setattr(mods["modules.sd_unet"], "current_unet", object()), "replaced UNet"),
     (lambda mods, model, p: setattr(p, "refiner_checkpoint_info", object()), "refiner"),
 ])
@@ -254,7 +254,7 @@ def test_forge_model_that_is_not_a_unet_is_refused(host):
     model.is_sd1 = False
     p = ToyProcessing(model)
     a1111.before_process(p, args_for(preset="Combined"))
-    with pytest.raises(RuntimeError, match="only SD1.x and SDXL checkpoints"):
+    with pytest.raises(RuntimeError, match="only SD1.x, SDXL and \\(in Forge\\) Flux checkpoints"):
         p.sample(a1111.on_cfg_denoiser)
     a1111.process_before_every_sampling(p)
     assert model.forge_objects.unet is patcher

@@ -302,3 +302,39 @@ def test_webui_flux_surface_equals_the_diffusers_surface_with_the_methods_on(flu
         got = host_blocks(blocks, host_inputs, run)
         assert not torch.allclose(expected, plain, atol=1e-5)
         assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_a_surface_left_installed_is_swept(flux):
+    from lib_consistency.surfaces.flux_blocks import FluxSurface, sweep_flux
+    from tests import flux_standin
+    blocks = flux_standin.FluxBlocks.from_diffusers(flux)
+    original = flux_standin.attention
+    FluxSurface(blocks, DitRunState()).install()  # a call that never reached remove()
+    assert flux_standin.attention is not original and "forward" in blocks.double_blocks[0].__dict__
+    sweep_flux(blocks)
+    assert flux_standin.attention is original
+    assert all("forward" not in b.__dict__ for b in blocks.modules())
+    sweep_flux(torch.nn.Linear(2, 2))  # not a Flux model: nothing to do
+
+
+def test_bli_on_a_transformer_records_and_blends_the_double_stream_blocks():
+    from lib_consistency.story_sync.state import Phase, PrePassDone
+    rows = layout((0, 1))
+    q, k, v, _ = qkv(2, seed=4)
+    vanilla = storysync_run(rows, {}, bli_strength=1.0, bli_window=0.5)
+    vanilla.storysync.phase = Phase.VANILLA
+    assert joint_attention(vanilla, ("double", 0, 0), q, k, v, TEXT) is None
+    assert joint_attention(vanilla, SHARED_BLOCK, q, k, v, TEXT) is None
+    assert {key.layer for key in vanilla.storysync.bli_cache.keys()} == {"double.0.0"}
+    vanilla.storysync.begin_step(0, 6, 10, 1.0)  # past the window: the pre-pass stops
+    with pytest.raises(PrePassDone):
+        joint_attention(vanilla, ("double", 0, 0), q, k, v, TEXT)
+    consistent = storysync_run(rows, {}, bli_strength=1.0, bli_window=0.5)
+    consistent.storysync.bli_cache = vanilla.storysync.bli_cache
+    q2 = q + torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
+    out = joint_attention(consistent, ("double", 0, 0), q2, k, v, TEXT)
+    plain = joint_attention(storysync_run(rows, {}, bli_strength=1.0, bli_window=0.0), ("double", 0, 0), q, k, v,
+                            TEXT)
+    assert plain is None  # outside the window nothing changes
+    for row in range(2):  # strength 1: the image queries are the vanilla ones exactly
+        assert torch.allclose(out[row, TEXT:].double(), naive(q[row, :, TEXT:], k[row], v[row]), atol=1e-5)

@@ -28,6 +28,7 @@ from ...oneactor.character_file import (ARCH_WIDTHS as ARCH_WIDTH, CharacterFile
 from ...oneactor.inference import CharacterUse, OneActorBatch, OneActorPromptError, base_word_positions
 from ...settings import Settings, SettingsError, infotext_key
 from ..coexist import split_controlnet_mark, with_controlnet_mark
+from ..flux import ONEACTOR_ON_FLUX, flux_model
 from ..guard import CHECKED_ATTRIBUTE, checked_sampling, unet_module
 from ..tokenizers import clip_engine, token_items
 
@@ -106,6 +107,8 @@ def _image_uses(p, prompt: str, image: int, settings: Settings, cache: dict) -> 
                                   "needs one prompt for all steps")
     arch = architecture(p.sd_model)
     if arch is None:
+        if flux_model(p) is not None:
+            raise OneActorPromptError(ONEACTOR_ON_FLUX)
         raise OneActorPromptError("OneActor: characters work with SD1.x and SDXL checkpoints only")
     engine = clip_engine(p.sd_model)
     chunks = [list(chunk.tokens) for chunk in engine.tokenize_line(text)[0]]

@@ -1,0 +1,82 @@
+"""Flux in Forge and Forge Neo: the DiT surface (``surfaces/flux_blocks``) around every model call, and what Flux
+does not support.
+
+Host contract (``backend/sampling/sampling_function.py``, Forge ``dfdcbab6`` and Neo alike): every model call of
+sampling goes through ``model_options["model_function_wrapper"](apply_model, {"input", "timestep", "c",
+"cond_or_uncond"})`` when set; ``c["transformer_options"]`` holds ``cond_or_uncond`` (one entry per chunk of B rows)
+and ``sigmas`` (B entries), ``input`` is the latent [rows, 16, H, W]; Flux packs it into 2x2 patches, so the image
+tokens lie on a ceil(H/2) x ceil(W/2) grid. CFG 1 (Flux dev's usual setting) sends cond rows only. The wrapper is
+registered on a clone of the UNet patcher (clone-patch-assign, hosts.md §6), keeps any wrapper another extension set
+(called inside ours), and installs the surface for that one call, removing it in ``finally``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..common.row_layout import forge_row_layout
+from ..surfaces.dit_attention import DitRunState
+from ..surfaces.flux_blocks import FluxSurface, flux_blocks, flux_depth, is_flux_model
+
+WRAPPER = "model_function_wrapper"
+
+# Why each method is refused on Flux (shown in the UI / API error); checked before any image.
+FLUX_UNSUPPORTED = {
+    "consolidate": "1Prompt1Story on Flux (consolidation over T5's tokens) is not available yet; turn 'Consolidate' "
+                   "off (StorySync and StoryDiffusion work on Flux)",
+}
+ONEACTOR_ON_FLUX = ("OneActor: characters need a UNet: a character's projector reads the UNet's middle block "
+                    "(OneActor §3.2), which Flux, a diffusion transformer, does not have; use an SD1.x or SDXL "
+                    "checkpoint for OneActor characters")
+
+
+def flux_model(p) -> Any | None:
+    """The loaded Flux transformer (``forge_objects.unet.model.diffusion_model``), or None for anything else."""
+    forge = getattr(getattr(p, "sd_model", None), "forge_objects", None)
+    model = getattr(getattr(getattr(forge, "unet", None), "model", None), "diffusion_model", None)
+    return model if model is not None and is_flux_model(model) else None
+
+
+def flux_refusal(settings) -> str | None:
+    for field, reason in FLUX_UNSUPPORTED.items():
+        if getattr(settings, field, False):
+            return reason
+    return None
+
+
+def flux_layers(model) -> dict[str, list]:
+    """The block addresses each surface must be entered on in every model call (the guard's ``Reach``)."""
+    blocks = [layer for layer, _ in flux_blocks(model)]
+    return {"all": blocks, "double": [layer for layer in blocks if layer[0] == "double"]}
+
+
+def patch_flux(p, generation) -> None:
+    """Clone the UNet patcher, set the wrapper that brings the story's methods into every model call, assign it
+    back (from ``process_before_every_sampling``: again for hires fix and the BLI pre-pass)."""
+    unet = p.sd_model.forge_objects.unet.clone()
+    model = unet.model.diffusion_model
+    run = DitRunState(generation.csa, generation.storysync, generation.reach)
+    offset = p.iteration * generation.plan.batch_size
+    foreign = unet.model_options.get(WRAPPER)
+
+    def wrapper(apply_model, args):
+        x, c = args["input"], args["c"]
+        options = c.get("transformer_options", {})
+        layout = forge_row_layout(args.get("cond_or_uncond", ()), len(options.get("sigmas", ())), x.shape[0],
+                                  offset)
+        run.set_rows(layout, (-(-x.shape[-2] // 2), -(-x.shape[-1] // 2)))
+        surface = FluxSurface(model, run)
+        surface.install()
+        try:
+            if foreign is not None:
+                return foreign(apply_model, args)
+            return apply_model(x, args["timestep"], **c)
+        finally:
+            surface.remove()
+    wrapper.consistent_story_flux = True
+    unet.model_options[WRAPPER] = wrapper
+    p.sd_model.forge_objects.unet = unet
+
+
+def depth_of(p):
+    model = flux_model(p)
+    return None if model is None else flux_depth(model)
