@@ -1,8 +1,8 @@
 """``python -m lib_consistency.bench``: what the methods cost in speed and memory against plain generation.
 
 Default: consistent self-attention (``csa.py``), then StorySync (``storysync.py``); ``--only oneactor`` (tuning and
-inference, ``oneactor.py``) and ``--only storysync-unet`` (a whole random UNet, ``storysync_unet.py``) import
-diffusers and run only when named. How each part times and what it prints is in its module's docstring.
+inference, ``oneactor.py``), ``--only storysync-unet`` (a whole random UNet, ``storysync_unet.py``) and
+``--only flux`` (one call of a random Flux transformer, ``flux.py``) import diffusers and run only when named. How each part times and what it prints is in its module's docstring.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 10 CUDA, 3 CPU)")
     parser.add_argument("--side-divisor", type=int, default=None,
                         help="divide every token-grid side (default 1 on CUDA, 2 on CPU: a quarter of the tokens)")
-    parser.add_argument("--only", choices=("csa", "storysync", "oneactor", "storysync-unet"), default=None,
+    parser.add_argument("--only", choices=("csa", "storysync", "oneactor", "storysync-unet", "flux"), default=None,
                         help="run one part (default: CSA, then StorySync; OneActor tuning and the StorySync UNet, "
                              "only when named)")
     parser.add_argument("--arch", "--oneactor-arch", dest="arch", choices=("sd15", "sdxl"), default="sd15",
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latent-side", "--oneactor-latent-side", dest="latent_side", type=int, default=None,
                         help="latent side for --only oneactor / storysync-unet (default: the real 64 for sd15, "
                              "128 for sdxl)")
+    parser.add_argument("--flux-size", choices=("real", "small"), default=None,
+                        help="--only flux: Flux.1's configuration at 1024² (default on CUDA) or a small one at 512² "
+                             "(default on the CPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
@@ -38,6 +41,11 @@ def main(argv: list[str] | None = None) -> None:
         # bf16 for tuning: fp16 gradients through a frozen fp16 UNet overflow more easily
         run_tuning_bench(args.arch, device, torch.bfloat16 if on_cuda else torch.float32,
                          latent_side=args.latent_side)
+        return
+    if args.only == "flux":
+        from .flux import run as run_flux  # imports diffusers when run
+        run_flux(args.flux_size or ("real" if on_cuda else "small"), device,
+                 torch.bfloat16 if on_cuda else torch.float32, repeats=args.repeats or (10 if on_cuda else 3))
         return
     if args.only == "storysync-unet":
         from .storysync_unet import run as run_unet  # imports diffusers when run

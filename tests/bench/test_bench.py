@@ -138,3 +138,16 @@ def test_diffusers_names_map_to_ldm_addresses():
     assert ldm_address("up_blocks.2.attentions.0.transformer_blocks.0.attn1", 2) == (("output", 6, 0), "attn1")
     assert ldm_address("mid_block.attentions.0.transformer_blocks.4.attn1", 2) == (("middle", 0, 4), "attn1")
     assert ldm_address("down_blocks.1.resnets.0", 2) == (None, None)
+
+
+def test_flux_bench_runs_both_methods_on_a_tiny_real_flux_transformer():
+    pytest.importorskip("diffusers")
+    from lib_consistency.bench import flux as bf
+    config = dict(bf.CONFIGS["small"], num_layers=1, num_single_layers=2, attention_head_dim=16,
+                  num_attention_heads=2, axes_dims_rope=(4, 6, 6), joint_attention_dim=32, pooled_projection_dim=16)
+    lines: list[str] = []
+    figures = bf.run("small", "cpu", torch.float32, frames=2, repeats=1, config=config, grid=4,
+                     print_fn=lines.append)
+    # the last single block (depth 2/3) shares: more keys, so more attention FLOPs; StorySync adds its maps
+    assert figures["csa_flops_ratio"] > 1.0 and figures["storysync_flops_ratio"] > 1.0
+    assert len(lines) == 3 and "1 double + 2 single blocks" in lines[0] and "StorySync" in lines[2]
