@@ -14,8 +14,9 @@ piece into the next tokenises differently inside the joined prompt and would shi
 exactly the pieces' tokens in plan order (ids, emphasis weights and embedding vectors alike), naming the frame
 where they part.
 
-One CLIP chunk holds 75 content tokens (77 with SOT and EOT). When the whole story does not fit, each frame
-gets a window: the identity prompt, the frame itself, then the following frames circularly, as many as fit
+One CLIP chunk holds 75 content tokens (77 with SOT and EOT). Flux's T5 context (``TextContext``) has no start
+token and room for 511 content tokens before its end token on Flux.1 dev (512 in training), 255 on schnell (256);
+the WebUIs pad it to at least 256 rows. When the whole story does not fit, each frame gets a window: the identity prompt, the frame itself, then the following frames circularly, as many as fit
 (and at most ``window`` frames). A frame that cannot fit beside the identity prompt is an error; a prompt is
 never split into independent chunks or truncated.
 """
@@ -28,6 +29,27 @@ CHUNK_CONTENT_TOKENS = 75  # one CLIP context: SOT + 75 content tokens + EOT = 7
 CONTEXT_TOKENS = CHUNK_CONTENT_TOKENS + 2
 
 Tokenizer = Callable[[str], Sequence[object]]
+
+
+@dataclass(frozen=True)
+class TextContext:
+    """Where a prompt's tokens sit in the text encoder's context: content from ``first`` (after a start token, if
+    any), at most ``budget`` content tokens, then the end token and padding (the "EOT block"); ``rows`` the
+    context's length when fixed (CLIP 77), None when the host pads to a length of its own (T5 in the WebUIs)."""
+    name: str
+    first: int
+    budget: int
+    rows: int | None
+
+    @property
+    def start_positions(self) -> tuple[int, ...]:
+        """The positions before the content (CLIP's SOT), kept with the identity by SVR and IPCA."""
+        return tuple(range(self.first))
+
+
+CLIP_CONTEXT = TextContext("CLIP", 1, CHUNK_CONTENT_TOKENS, CONTEXT_TOKENS)
+T5_DEV_CONTEXT = TextContext("T5", 0, 511, None)  # Flux.1 dev: 512 tokens in training, the last one </s>
+T5_SCHNELL_CONTEXT = TextContext("T5", 0, 255, None)  # schnell: 256
 
 
 class TokenBudgetError(ValueError):
@@ -67,6 +89,7 @@ class FramePlan:
     frames: tuple[int, ...]
     spans: tuple[Span, ...]
     eot_start: int
+    context: TextContext = CLIP_CONTEXT
 
     def span_of(self, frame: int) -> Span:
         return self.spans[self.frames.index(frame)]
@@ -78,8 +101,8 @@ class FramePlan:
 
     @property
     def identity_positions(self) -> tuple[int, ...]:
-        """SOT plus the identity prompt's tokens: the rows IPCA keeps and SVR never touches."""
-        return (0, *self.identity.positions)
+        """SOT (CLIP; T5 has none) plus the identity prompt's tokens: the rows IPCA keeps and SVR never touches."""
+        return (*self.context.start_positions, *self.identity.positions)
 
 
 class TokenSpanError(TokenBudgetError):
@@ -96,6 +119,7 @@ class TokenPlan:
     frame_tokens: tuple[int, ...]
     identity_text: str = ""
     frame_texts: tuple[str, ...] = ()
+    context: TextContext = CLIP_CONTEXT
 
     @property
     def texts(self) -> tuple[str, ...]:
@@ -107,7 +131,8 @@ class TokenPlan:
         used = self.identity_tokens + sum(self.frame_tokens)
         parts = "+".join(str(n) for n in self.frame_tokens)
         mode = f"; windowed, {max(len(p.frames) for p in self.frames)} frames per context" if self.windowed else ""
-        return f"{used}/{CHUNK_CONTENT_TOKENS} tokens (identity {self.identity_tokens}, frames {parts}){mode}"
+        name = "" if self.context is CLIP_CONTEXT else f" {self.context.name}"
+        return f"{used}/{self.context.budget}{name} tokens (identity {self.identity_tokens}, frames {parts}){mode}"
 
     def spans_line(self) -> str:
         """The token positions for the infotext (inclusive ranges, frames 1-based), e.g.
@@ -115,18 +140,22 @@ class TokenPlan:
         frames after it: ``...; windows 1@13-17+2+3 2@13-16+3+4 ...; EOT after each window``."""
         def r(span: Span) -> str:
             return f"{span.start}-{span.stop - 1}" if len(span) else "none"
-        head = f"SOT 0; identity {r(self.frames[0].identity)}"
+        head = ("SOT 0; " if self.context.first else f"{self.context.name} ") + \
+            f"identity {r(self.frames[0].identity)}"
         if not self.windowed:
             plan = self.frames[0]
-            return f"{head}; frames {' '.join(r(s) for s in plan.spans)}; EOT {plan.eot_start}-{CONTEXT_TOKENS - 1}"
+            end = f"-{self.context.rows - 1}" if self.context.rows else " on"
+            return f"{head}; frames {' '.join(r(s) for s in plan.spans)}; EOT {plan.eot_start}{end}"
         windows = " ".join(f"{p.frame + 1}@{r(p.spans[0])}" + "".join(f"+{f + 1}" for f in p.frames[1:])
                            for p in self.frames)
         return f"{head}; windows {windows}; EOT after each window"
 
 
-def _layout(identity_len: int, frame_lens: Sequence[int], order: Sequence[int]) -> tuple[Span, tuple[Span, ...], int]:
-    """Spans of the identity and of the frames in ``order`` when concatenated after SOT; returns the EOT start."""
-    identity = Span(1, 1 + identity_len)
+def _layout(identity_len: int, frame_lens: Sequence[int], order: Sequence[int],
+            first: int) -> tuple[Span, tuple[Span, ...], int]:
+    """Spans of the identity and of the frames in ``order`` when concatenated from ``first``; returns the EOT
+    start."""
+    identity = Span(first, first + identity_len)
     cursor, spans = identity.stop, []
     for f in order:
         spans.append(Span(cursor, cursor + frame_lens[f]))
@@ -134,7 +163,8 @@ def _layout(identity_len: int, frame_lens: Sequence[int], order: Sequence[int]) 
     return identity, tuple(spans), cursor
 
 
-def plan_tokens(identity: str, frames: Sequence[str], tokenize: Tokenizer, window: int = 10) -> TokenPlan:
+def plan_tokens(identity: str, frames: Sequence[str], tokenize: Tokenizer, window: int = 10,
+                context: TextContext = CLIP_CONTEXT) -> TokenPlan:
     """Plan the consolidated prompt(s) of a story.
 
     Args:
@@ -142,45 +172,48 @@ def plan_tokens(identity: str, frames: Sequence[str], tokenize: Tokenizer, windo
         frames: frame prompts P1..PN (N >= 1).
         tokenize: ``text -> tokens`` without SOT/EOT and without truncation (the host's own tokenizer).
         window: the most frames one context may hold (official default 10).
+        context: the encoder's context (CLIP's 77 tokens; Flux's T5).
 
-    Without windowing every frame shares ``identity + " " + " ".join(frames)``. With it (content over 75
-    tokens, or more frames than ``window``) frame i gets ``identity + frames[i], frames[i+1], ...`` circularly.
+    Without windowing every frame shares ``identity + " " + " ".join(frames)``. With it (content over the
+    budget, or more frames than ``window``) frame i gets ``identity + frames[i], frames[i+1], ...`` circularly.
     """
+    budget, what = context.budget, ("one CLIP context" if context is CLIP_CONTEXT else
+                                     f"the {context.name} context")
     if not frames:
         raise TokenBudgetError("the story has no frames")
     if window < 1:
         raise TokenBudgetError(f"window must be at least 1 frame, got {window}")
     identity_len = len(tokenize(identity)) if identity else 0
-    if identity_len > CHUNK_CONTENT_TOKENS - 1:
+    if identity_len > budget - 1:
         raise TokenBudgetError(f"the identity prompt is {identity_len} tokens; it must leave room for a frame "
-                               f"within {CHUNK_CONTENT_TOKENS} tokens")
+                               f"within {budget} tokens")
     frame_lens = tuple(len(tokenize(text)) for text in frames)
     for i, n in enumerate(frame_lens):
         if n == 0:
             raise TokenBudgetError(f"frame {i + 1} has no tokens", frame=i)
-        if identity_len + n > CHUNK_CONTENT_TOKENS:
+        if identity_len + n > budget:
             raise TokenBudgetError(
                 f"frame {i + 1} is {n} tokens; with the {identity_len}-token identity prompt it exceeds the "
-                f"{CHUNK_CONTENT_TOKENS}-token budget of one CLIP context: shorten it", frame=i)
+                f"{budget}-token budget of {what}: shorten it", frame=i)
 
     count = len(frames)
-    windowed = identity_len + sum(frame_lens) > CHUNK_CONTENT_TOKENS or count > window
+    windowed = identity_len + sum(frame_lens) > budget or count > window
     plans = []
     for current in range(count):
         if windowed:
             order, used = [current], identity_len + frame_lens[current]
             for step in range(1, min(window, count)):
                 nxt = (current + step) % count
-                if used + frame_lens[nxt] > CHUNK_CONTENT_TOKENS:
+                if used + frame_lens[nxt] > budget:
                     break
                 order.append(nxt)
                 used += frame_lens[nxt]
         else:
             order = list(range(count))
-        identity_span, spans, eot_start = _layout(identity_len, frame_lens, order)
+        identity_span, spans, eot_start = _layout(identity_len, frame_lens, order, context.first)
         text = " ".join(([identity] if identity else []) + [frames[f] for f in order])
-        plans.append(FramePlan(current, text, identity_span, tuple(order), spans, eot_start))
-    return TokenPlan(tuple(plans), windowed, identity_len, frame_lens, identity, tuple(frames))
+        plans.append(FramePlan(current, text, identity_span, tuple(order), spans, eot_start, context))
+    return TokenPlan(tuple(plans), windowed, identity_len, frame_lens, identity, tuple(frames), context)
 
 
 def verify_token_plan(plan: TokenPlan, tokenize: Tokenizer, encoder: str = "the text encoder") -> None:

@@ -23,7 +23,7 @@ from typing import Callable, Collection, Sequence
 import torch
 
 from ..one_prompt_one_story.svr import SvrRangeError, npr_frame_context, svr_frame_context
-from ..one_prompt_one_story.token_plan import CONTEXT_TOKENS, Tokenizer, TokenPlan, plan_tokens
+from ..one_prompt_one_story.token_plan import CLIP_CONTEXT, TextContext, Tokenizer, TokenPlan, plan_tokens
 from ..settings import Settings, SettingsError
 from .format import Story, parse_story
 
@@ -146,14 +146,15 @@ def check_batch_networks(story: Story, prompts: Sequence[str], batches: Sequence
                     f"'Frames per batch' so these frames fall in different batches")
 
 
-def plan_consolidation(settings: Settings, story: Story, style: str, tokenize: Tokenizer) -> TokenPlan:
+def plan_consolidation(settings: Settings, story: Story, style: str, tokenize: Tokenizer,
+                       context: TextContext = CLIP_CONTEXT) -> TokenPlan:
     """Token plan of the consolidated prompt(s), every piece without extra-network tags."""
     identity = without_extra_networks(consolidation_identity(style, story))
     return plan_tokens(identity, [without_extra_networks(f.prompt) for f in story.frames], tokenize,
-                       window=settings.window)
+                       window=settings.window, context=context)
 
 
-Encode = Callable[[Sequence[str]], Sequence[torch.Tensor]]  # texts -> one [77, D] context per text
+Encode = Callable[[Sequence[str]], Sequence[torch.Tensor]]  # texts -> one [T, D] context per text
 
 
 @dataclass
@@ -161,7 +162,8 @@ class FrameConditioning:
     """Per-frame 1P1S contexts of one generation, built lazily per frame and cached (text encodings too).
 
     ``encode`` is the host's own text-encoder path (CLIP skip, emphasis, embeddings and LoRA text-encoder weights
-    apply); it must return one 77-token context per text. The cached encodings are never modified (every frame
+    apply); it must return one context per text: CLIP's 77 tokens, or T5's end token and the host's padding
+    after the plan's tokens (Flux; the same length for every text). The cached encodings are never modified (every frame
     is reweighted from the pristine encoding). ``unet_dtype``: the dtype the UNet computes in; a reweighted context
     must be finite in it as well as in the encoder's dtype, or the frame is refused with a message.
     """
@@ -177,14 +179,18 @@ class FrameConditioning:
         return self.token_plan.frames[0].identity_positions
 
     def contexts(self, frames: Sequence[int]) -> list[torch.Tensor]:
-        """[77, D] context of each frame (SVR'd, NPR'd or plain as the settings say)."""
+        """[T, D] context of each frame (SVR'd, NPR'd or plain as the settings say)."""
         missing = [self.token_plan.frames[f].text for f in frames if f not in self._frames]
         texts = [t for t in dict.fromkeys(missing) if t not in self._encoded]
         if texts:
             for text, context in zip(texts, self.encode(texts)):
-                if context.ndim != 2 or context.shape[0] != CONTEXT_TOKENS:
+                rows = self.token_plan.context.rows
+                if context.ndim != 2 or (context.shape[0] != rows if rows else
+                                         context.shape[0] <= max(p.eot_start for p in self.token_plan.frames)):
+                    expected = f"one {rows}-token CLIP context" if rows else \
+                        f"a {self.token_plan.context.name} context with its end token"
                     raise RuntimeError(f"the host encoded the consolidated prompt into {tuple(context.shape)}; "
-                                       f"expected one {CONTEXT_TOKENS}-token CLIP context")
+                                       f"expected {expected}")
                 if not torch.isfinite(context).all():
                     raise RuntimeError(f"the checkpoint's text encoder returned NaN/inf for the consolidated prompt "
                                        f"{text!r}; try another checkpoint or rephrase the story")

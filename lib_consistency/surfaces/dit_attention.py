@@ -16,6 +16,9 @@ What each method sees (our choice where the papers say nothing about Flux):
   their own sequence only, so no frame's text stream takes another frame's image tokens;
 - the text tokens play the UNet's cross-attention: StorySync's subject maps are our own softmax of the image queries
   over the text keys (double-stream blocks, cond rows), read at the subject's text token columns;
+- IPCA: the cond rows' image queries see the identity prompt's text keys twice (T5 is bidirectional, so these are
+  the consolidated prompt's identity rows, not those of a separate identity-only encoding as in the official code;
+  on CLIP the two are equal, methods.md §2.5);
 - RFH (``harmonize``) runs on the image tokens' attention output, before the block's output projection (a linear map
   per token, so the blend commutes with it; the nearest-neighbour match is taken before it).
 """
@@ -29,7 +32,8 @@ import torch
 from ..common.addresses import LayerAddress
 from ..common.async_index import index_tensor
 from ..common.row_layout import RowLayout
-from .reach import CSA, HARMONIZATION, SHARING, SUBJECT_MAPS, Reach
+from ..one_prompt_one_story.ipca import attention_with_bias, cond_rows, dropout_bias
+from .reach import CSA, HARMONIZATION, IPCA, SHARING, SUBJECT_MAPS, Reach
 
 DitAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # q, k, v [r, H, L, D] -> [r, Lq, H·D]
 
@@ -48,6 +52,7 @@ class DitRunState:
     csa: Any = None
     storysync: Any = None
     reach: Reach | None = None
+    ipca: Any = None  # IdentityAttentionState: its identity positions are T5 columns here
 
     def enter(self, surface: str, layer: LayerAddress) -> None:
         if self.reach is not None:
@@ -59,6 +64,8 @@ class DitRunState:
             self.csa.begin_unet_call(layout, grid_hw)
         if self.storysync is not None:
             self.storysync.set_rows(layout, grid_hw)
+        if self.ipca is not None:
+            self.ipca.layout = layout
 
     def __deepcopy__(self, memo: dict) -> "DitRunState":
         return self  # a handle: a patcher's clone() deep-copies its options, every clone must share the live state
@@ -82,54 +89,94 @@ def _add_maps(state, layer: LayerAddress, q: torch.Tensor, k: torch.Tensor, text
                    rows)
 
 
+def _ipca(run: DitRunState, layer: LayerAddress, rows: int, text: int) -> tuple[set[int], tuple[int, ...]] | None:
+    """IPCA's cond rows and identity text columns in this call; None when IPCA is off or cannot read it."""
+    state = run.ipca
+    if state is None:
+        return None
+    run.enter(IPCA, layer)
+    if state.closed or not state.layout.matches(rows):
+        return None
+    columns = tuple(c for c in state.identity_positions if c < text)
+    cond = cond_rows(state.layout)
+    return (set(cond), columns) if cond and columns else None
+
+
 def joint_attention(run: DitRunState | None, layer: LayerAddress, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     text: int, attend: DitAttention = sdpa) -> torch.Tensor | None:
     """The methods' joint attention of one block; None = attend plainly (nothing to change at this call).
 
     q, k, v: [R, H, T + N, D] after QK-norm and RoPE, text tokens first (``text`` = T). ``attend``: the host's
     attention on already-rotated [r, H, L, D] tensors. Returns [R, T + N, H·D] like the host's attention.
+    IPCA (1Prompt1Story §3.2, the ln 2 form): the cond rows' image queries see their identity text keys twice
+    (appended), or with IPCA dropout a seeded ln(1 + b) logit bias on them (our own attention with that mask).
     """
-    if run is None or (run.csa is None and run.storysync is None):
+    if run is None:
         return None
-    heads, width = q.shape[1], q.shape[1] * q.shape[3]
+    rows, heads, width = q.shape[0], q.shape[1], q.shape[1] * q.shape[3]
     image = slice(text, None)
+    image_q, contexts = _flat(q[:, :, image]), []
     if run.storysync is not None:
         state = run.storysync
         if layer[0] == "double":
             run.enter(SUBJECT_MAPS, layer)
-            if state.wants_maps(layer, q.shape[0], q.shape[2] - text):
+            if state.wants_maps(layer, rows, q.shape[2] - text):
                 _add_maps(state, layer, q, k, text)
         run.enter(SHARING, layer)
         planned = state.self_attention_groups(layer, torch.cat([_flat(x[:, :, image]) for x in (q, k, v)], dim=-1))
-        if planned is None:
-            return None
-        query, groups = planned
-        image_q = query[..., :width]
-        contexts = [(g.rows, g.context[..., width:2 * width], g.context[..., 2 * width:]) for g in groups]
-    else:
+        if planned is not None:
+            query, groups = planned
+            image_q = query[..., :width]
+            contexts = [(g.rows, g.context[..., width:2 * width], g.context[..., 2 * width:]) for g in groups]
+    elif run.csa is not None:
         run.enter(CSA, layer)
         groups = run.csa.contexts_for(layer, torch.cat([_flat(x[:, :, image]) for x in (k, v)], dim=-1))
-        if not groups:
-            return None
-        image_q = _flat(q[:, :, image])
-        contexts = [(g.rows, g.context[..., :width], g.context[..., width:]) for g in groups]
-    out = attend(q[:, :, :text], k, v)  # text queries: their own sequence
-    image_out = out.new_empty((q.shape[0], q.shape[2] - text, width))
-    covered = set()
-    for rows, keys, values in contexts:
-        index = index_tensor(rows, q.device)
-        own_k, own_v = k.index_select(0, index)[:, :, :text], v.index_select(0, index)[:, :, :text]
-        result = attend(_heads(image_q.index_select(0, index), heads), torch.cat([own_k, _heads(keys, heads)], 2),
-                        torch.cat([own_v, _heads(values, heads)], 2))
-        image_out.index_copy_(0, index, result.to(image_out.dtype))
-        covered.update(rows)
-    rest = [r for r in range(q.shape[0]) if r not in covered]
-    if rest:  # rows sharing nothing: their own joint sequence
+        contexts = [(g.rows, g.context[..., :width], g.context[..., width:]) for g in groups or ()]
+    ipca = _ipca(run, layer, rows, text)
+    if not contexts and ipca is None:
+        return None
+    covered = {r for group_rows, _, _ in contexts for r in group_rows}
+    rest = tuple(r for r in range(rows) if r not in covered)
+    if rest:  # rows sharing nothing: their own image keys
         index = index_tensor(rest, q.device)
-        result = attend(_heads(image_q.index_select(0, index), heads), k.index_select(0, index),
-                        v.index_select(0, index))
-        image_out.index_copy_(0, index, result.to(image_out.dtype))
+        contexts.append((rest, _flat(k.index_select(0, index)[:, :, image]),
+                         _flat(v.index_select(0, index)[:, :, image])))
+    out = attend(q[:, :, :text], k, v)  # text queries: their own sequence
+    image_out = out.new_empty((rows, q.shape[2] - text, width))
+    for group_rows, keys, values in contexts:
+        for part, with_ipca in _split(group_rows, ipca):
+            at = [group_rows.index(r) for r in part]
+            index, local = index_tensor(part, q.device), index_tensor(at, q.device)
+            own_k, own_v = k.index_select(0, index)[:, :, :text], v.index_select(0, index)[:, :, :text]
+            keys_part = torch.cat([own_k, _heads(keys.index_select(0, local), heads)], 2)
+            values_part = torch.cat([own_v, _heads(values.index_select(0, local), heads)], 2)
+            queries = _heads(image_q.index_select(0, index), heads)
+            if with_ipca:
+                result = _identity_attention(run, layer, part, ipca[1], queries, keys_part, values_part, attend)
+            else:
+                result = attend(queries, keys_part, values_part)
+            image_out.index_copy_(0, index, result.to(image_out.dtype))
     return torch.cat([out, image_out], dim=1)
+
+
+def _split(rows: tuple[int, ...], ipca) -> list[tuple[list[int], bool]]:
+    """``rows`` as (IPCA's cond rows, True) and (the others, False), empty parts left out."""
+    if ipca is None:
+        return [(list(rows), False)]
+    parts = [([r for r in rows if r in ipca[0]], True), ([r for r in rows if r not in ipca[0]], False)]
+    return [part for part in parts if part[0]]
+
+
+def _identity_attention(run, layer, rows, columns, q, k, v, attend) -> torch.Tensor:
+    """Image queries [r, H, Q, D] of cond rows over keys whose first columns are their text: the identity columns
+    appended once more (= +ln 2 on their logits), or IPCA dropout's seeded bias."""
+    state = run.ipca
+    if state.dropout == 0:
+        index = index_tensor(columns, q.device)
+        return attend(q, torch.cat([k, k.index_select(2, index)], 2), torch.cat([v, v.index_select(2, index)], 2))
+    frames = [state.layout.frames[r] for r in rows]
+    bias = dropout_bias(state, layer, frames, q.shape[2], k.shape[2], columns, q).unsqueeze(1)
+    return _flat(attention_with_bias(q, k, v, bias))
 
 
 def harmonize(run: DitRunState | None, layer: LayerAddress, out: torch.Tensor, text: int) -> torch.Tensor:

@@ -338,3 +338,44 @@ def test_bli_on_a_transformer_records_and_blends_the_double_stream_blocks():
     assert plain is None  # outside the window nothing changes
     for row in range(2):  # strength 1: the image queries are the vanilla ones exactly
         assert torch.allclose(out[row, TEXT:].double(), naive(q[row, :, TEXT:], k[row], v[row]), atol=1e-5)
+
+
+def ipca_run(rows_layout, identity=(0, 1), dropout=0.0, csa=None):
+    from lib_consistency.common.addresses import StepKey
+    from lib_consistency.one_prompt_one_story.ipca import IdentityAttentionState
+    state = IdentityAttentionState(tuple(identity), dropout, 7)
+    state.step = StepKey(0, 3, 2.0)
+    run = DitRunState(csa=csa, ipca=state, reach=Reach())
+    run.set_rows(rows_layout, GRID)
+    return run
+
+
+def test_ipca_doubles_the_identity_text_keys_for_cond_image_queries_only():
+    rows = layout((0, 1, 0, 1), (Role.COND, Role.COND, Role.UNCOND, Role.UNCOND))
+    q, k, v, _ = qkv(4, seed=5)
+    out = joint_attention(ipca_run(rows), ("double", 0, 0), q, k, v, TEXT)
+    for row in range(4):
+        keys, values = k[row], v[row]
+        if rows.roles[row] is Role.COND:  # identity columns 0, 1 once more: +ln 2 on their logits
+            keys, values = torch.cat([keys, keys[:, :2]], 1), torch.cat([values, values[:, :2]], 1)
+        assert torch.allclose(out[row, TEXT:].double(), naive(q[row, :, TEXT:], keys, values), atol=1e-5)
+        assert torch.allclose(out[row, :TEXT].double(), naive(q[row, :, :TEXT], k[row], v[row]), atol=1e-5)
+    # IPCA dropout -> 0 keeps every identity column: the bias form equals the appended keys
+    nearly = joint_attention(ipca_run(rows, dropout=1e-12), ("double", 0, 0), q, k, v, TEXT)
+    assert torch.allclose(nearly, out, atol=1e-5)
+    dropped = joint_attention(ipca_run(rows, dropout=0.5), ("double", 0, 0), q, k, v, TEXT)
+    assert not torch.allclose(dropped[:2], out[:2], atol=1e-5) and torch.allclose(dropped[2:], out[2:], atol=1e-6)
+    again = joint_attention(ipca_run(rows, dropout=0.5), ("double", 0, 0), q, k, v, TEXT)
+    assert torch.equal(again, dropped)  # seeded by (run, step, layer, frame)
+
+
+def test_ipca_with_shared_image_tokens_equals_the_reference():
+    rows = layout((0, 1))
+    q, k, v, _ = qkv(2, seed=6)
+    csa = csa_run(rows, frames=2).csa
+    out = joint_attention(ipca_run(rows, identity=(2,), csa=csa), ("single", 0, 0), q, k, v, TEXT)
+    for row in range(2):
+        peer = 1 - row
+        keys = torch.cat([k[row], k[row][:, 2:3], k[peer, :, TEXT:]], 1)
+        values = torch.cat([v[row], v[row][:, 2:3], v[peer, :, TEXT:]], 1)
+        assert torch.allclose(out[row, TEXT:].double(), naive(q[row, :, TEXT:], keys, values), atol=1e-5)
