@@ -9,10 +9,11 @@ import torch
 
 from modules import devices, extra_networks, prompt_parser
 
-from ..one_prompt_one_story.token_plan import verify_token_plan
+from ..one_prompt_one_story.token_plan import CLIP_CONTEXT, T5_DEV_CONTEXT, T5_SCHNELL_CONTEXT, verify_token_plan
 from ..story.run import FrameConditioning, plan_consolidation
 from .coexist import batch_networks
-from .tokenizers import required_tokenizers
+from .flux import flux_model
+from .tokenizers import required_tokenizers, t5_tokenizer
 from .ui import SPANS_INFOTEXT_KEY
 
 SDXL_POOLED_WIDTH = 1280  # 'vector' = bigG pooled (1280) + six 256-d size embeddings
@@ -32,17 +33,24 @@ def batch_conditioning(p, generation) -> FrameConditioning:
     settings, plan = generation.settings, generation.plan
     networks = batch_networks(p, plan)
     if networks not in generation.conditionings:
+        flux = flux_model(p)
         if generation.conditioning is None:
-            tokenizers = required_tokenizers(p.sd_model, "1Prompt1Story cannot count its tokens")
             style_text, _ = extra_networks.parse_prompt(plan.style)  # <lora:...> tags are not prompt text
-            token_plan = plan_consolidation(settings, plan.story, style_text, tokenizers[0][1])
+            if flux is not None:  # the transformer reads T5's tokens; CLIP-L gives each frame's pooled vector
+                tokenizers = [("T5", _t5(p))]
+                context = T5_DEV_CONTEXT if getattr(flux, "guidance_embed", True) else T5_SCHNELL_CONTEXT
+            else:
+                tokenizers = required_tokenizers(p.sd_model, "1Prompt1Story cannot count its tokens")
+                context = CLIP_CONTEXT
+            token_plan = plan_consolidation(settings, plan.story, style_text, tokenizers[0][1], context)
             for name, tokenize in tokenizers:
                 verify_token_plan(token_plan, tokenize, name)
             p.extra_generation_params[SPANS_INFOTEXT_KEY] = token_plan.spans_line()
         else:
             token_plan = generation.conditioning.token_plan
         pooled: dict[str, torch.Tensor] = {}
-        conditioning = FrameConditioning(settings, token_plan, _encoder(p, pooled), _unet_dtype())
+        encode = _encoder(p, pooled) if flux is None else _t5_encoder(p)
+        conditioning = FrameConditioning(settings, token_plan, encode, _unet_dtype())
         conditioning.contexts(range(plan.frame_count))  # one encoder call per set of networks
         generation.conditionings[networks] = conditioning, pooled
     conditioning, generation.pooled = generation.conditionings[networks]
@@ -59,4 +67,28 @@ def _encoder(p, pooled: dict[str, torch.Tensor]):
                 pooled[text] = vector[:SDXL_POOLED_WIDTH]
             encoded = encoded["crossattn"]
         return list(encoded)
+    return encode
+
+
+def _t5(p):
+    tokenize = t5_tokenizer(p.sd_model)
+    if tokenize is None:
+        raise RuntimeError("the Flux checkpoint has no T5 tokenizer with tokenize_line; 1Prompt1Story cannot count "
+                           "its tokens")
+    return tokenize
+
+
+def _t5_encoder(p):
+    """Flux: each text through the host's own conditioning, one at a time (the T5 engine stacks one context per
+    line, so texts of different lengths cannot share a call); its ``crossattn`` [T, 4096] is the frame's context.
+    Host contract (``diffusion_engine/flux.py``): ``get_learned_conditioning`` gives ``crossattn`` (T5, padded to
+    at least 256 rows), ``vector`` (CLIP-L pooled) and for dev ``guidance``; the frames keep their own pooled vector
+    (CLIP-L reads 77 tokens, the consolidated prompt would be cut) and guidance."""
+    def encode(texts: Sequence[str]) -> list[torch.Tensor]:
+        contexts = []
+        for text in texts:
+            conditioning = prompt_parser.SdConditioning([text], width=p.width, height=p.height)
+            with devices.autocast(), torch.no_grad():
+                contexts.append(p.sd_model.get_learned_conditioning(conditioning)["crossattn"][0])
+        return contexts
     return encode

@@ -19,11 +19,8 @@ from ..surfaces.flux_blocks import FluxSurface, flux_blocks, flux_depth, is_flux
 
 WRAPPER = "model_function_wrapper"
 
-# Why each method is refused on Flux (shown in the UI / API error); checked before any image.
-FLUX_UNSUPPORTED = {
-    "consolidate": "1Prompt1Story on Flux (consolidation over T5's tokens) is not available yet; turn 'Consolidate' "
-                   "off (StorySync and StoryDiffusion work on Flux)",
-}
+# Why a setting is refused on Flux (shown in the UI / API error); checked before any image.
+FLUX_UNSUPPORTED: dict[str, str] = {}
 ONEACTOR_ON_FLUX = ("OneActor: characters need a UNet: a character's projector reads the UNet's middle block "
                     "(OneActor §3.2), which Flux, a diffusion transformer, does not have; use an SD1.x or SDXL "
                     "checkpoint for OneActor characters")
@@ -54,7 +51,7 @@ def patch_flux(p, generation) -> None:
     back (from ``process_before_every_sampling``: again for hires fix and the BLI pre-pass)."""
     unet = p.sd_model.forge_objects.unet.clone()
     model = unet.model.diffusion_model
-    run = DitRunState(generation.csa, generation.storysync, generation.reach)
+    run = DitRunState(generation.csa, generation.storysync, generation.reach, generation.ipca)
     offset = p.iteration * generation.plan.batch_size
     foreign = unet.model_options.get(WRAPPER)
 

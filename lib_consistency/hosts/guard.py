@@ -141,8 +141,8 @@ def want_surfaces(reach: Reach, settings, unet: torch.nn.Module) -> None:
         reach.want(SUBJECT_MAPS, layers["attn2"])
     elif settings.csa:
         reach.want(CSA, layers["attn1"])
-    if settings.ipca and settings.consolidate:
-        reach.want(IPCA, layers["attn2"])
+    if settings.ipca and settings.consolidate:  # on Flux every block's joint attention holds the text keys
+        reach.want(IPCA, layers["attn1"] if is_flux_model(unet) else layers["attn2"])
 
 
 class SamplingGuard:

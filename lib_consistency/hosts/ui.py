@@ -16,7 +16,9 @@ from typing import Any
 from ..settings import INFOTEXT_PREFIX, ONEACTOR_PRESETS, PRESETS, Settings, infotext_key, option, option_keys
 from ..story.examples import EXAMPLES
 from ..story.preview import preview_panel
-from .tokenizers import model_tokenizers
+from ..one_prompt_one_story.token_plan import CLIP_CONTEXT, T5_DEV_CONTEXT, T5_SCHNELL_CONTEXT, TextContext
+from .flux import flux_model
+from .tokenizers import model_tokenizers, t5_tokenizer
 
 GROUPS = ("general", "1Prompt1Story", "StoryDiffusion", "StorySync", "OneActor")  # the method groups of Option.group
 UNAVAILABLE_GROUPS: tuple[str, ...] = ()  # groups shown but not interactive (a method not available yet)
@@ -170,7 +172,7 @@ def update_preview(*values: Any) -> str:
         hosted = hosted if isinstance(hosted, dict) and hosted.get("consistent_story_host") is True else {}
         prompt = hosted.get("prompt")
         return preview_panel(settings_values, prompt if isinstance(prompt, str) else "", hosted.get("seed", -1),
-                             host_tokenizers())
+                             *host_tokenizers())
     except Exception as error:  # a bug of ours or a host change: say so where the preview would be
         return f"<p>&#9888; Consistent Story could not build the frames preview: {html.escape(repr(error))}</p>"
 
@@ -182,14 +184,20 @@ def example_story(name: str) -> Any:
     return gr.update(value=EXAMPLES[name]) if name in EXAMPLES else gr.update()
 
 
-def host_tokenizers() -> list:
-    """(encoder name, tokenizer) of the loaded model's CLIP encoders (``tokenizers.model_tokenizers``); empty
-    without a WebUI or a model."""
+def host_tokenizers() -> tuple[list, TextContext]:
+    """(encoder name, tokenizer) of the loaded model's CLIP encoders (``tokenizers.model_tokenizers``), or for a
+    Flux checkpoint its T5 tokenizer, which the transformer reads; empty without a WebUI or a model. And the text
+    context the counts are against."""
     try:
         from modules import shared
     except ImportError:
-        return []
-    return model_tokenizers(getattr(shared, "sd_model", None))
+        return [], CLIP_CONTEXT
+    model = getattr(shared, "sd_model", None)
+    flux = flux_model(shared)
+    tokenize = t5_tokenizer(model) if flux is not None else None
+    if tokenize is not None:
+        return [("T5", tokenize)], T5_DEV_CONTEXT if getattr(flux, "guidance_embed", True) else T5_SCHNELL_CONTEXT
+    return model_tokenizers(model), CLIP_CONTEXT
 
 
 def on_infotext_pasted(infotext: str, params: dict[str, Any]) -> None:

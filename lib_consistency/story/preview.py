@@ -16,8 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from ..one_prompt_one_story.token_plan import (CHUNK_CONTENT_TOKENS, TokenBudgetError, Tokenizer, TokenPlan,
-                                               verify_token_plan)
+from ..one_prompt_one_story.token_plan import (CHUNK_CONTENT_TOKENS, CLIP_CONTEXT, TextContext, TokenBudgetError,
+                                               Tokenizer, TokenPlan, verify_token_plan)
 from ..settings import Settings, SettingsError, option, option_keys
 from ..story_diffusion.consistent_self_attention import frames_share
 from .format import SHORTHAND_CHARACTER, StoryError
@@ -66,23 +66,27 @@ def sources(settings: Settings, plan: StoryRunPlan, frame: int) -> tuple[int, ..
     return tuple(f for f in candidates if f != frame and frames_share(groups, frame, f))
 
 
-def preview_story(settings: Settings, style: str, seed: int, tokenize: Tokenizer | None = None) -> list[FramePreview]:
+def preview_story(settings: Settings, style: str, seed: int, tokenize: Tokenizer | None = None,
+                  context: TextContext = CLIP_CONTEXT) -> list[FramePreview]:
     """The frames of ``settings.story`` with ``style`` (the prompt box) and ``seed`` (already fixed, not -1).
-    ``tokenize``: the checkpoint's CLIP-L tokenizer, for the token columns (None leaves them empty)."""
+    ``tokenize``: the checkpoint's CLIP-L tokenizer (Flux: T5's, with ``context``), for the token columns (None
+    leaves them empty)."""
     plan = plan_story_run(settings, style, seed)
-    return frame_rows(settings, plan, tokenize, consolidation_plan(settings, plan, tokenize))
+    return frame_rows(settings, plan, tokenize, consolidation_plan(settings, plan, tokenize, context), context)
 
 
-def consolidation_plan(settings: Settings, plan: StoryRunPlan, tokenize: Tokenizer | None) -> TokenPlan | None:
+def consolidation_plan(settings: Settings, plan: StoryRunPlan, tokenize: Tokenizer | None,
+                       context: TextContext = CLIP_CONTEXT) -> TokenPlan | None:
     """The consolidated prompts' token plan (None without consolidation or tokenizer); TokenBudgetError."""
     if not settings.consolidate or tokenize is None:
         return None
-    return plan_consolidation(settings, plan.story, without_extra_networks(plan.style), tokenize)
+    return plan_consolidation(settings, plan.story, without_extra_networks(plan.style), tokenize, context)
 
 
 def frame_rows(settings: Settings, plan: StoryRunPlan, tokenize: Tokenizer | None = None,
-               token_plan: TokenPlan | None = None) -> list[FramePreview]:
-    """One row per frame of ``plan``; the token columns need ``tokenize`` (and ``token_plan`` with consolidation)."""
+               token_plan: TokenPlan | None = None, context: TextContext = CLIP_CONTEXT) -> list[FramePreview]:
+    """One row per frame of ``plan``; the token columns need ``tokenize`` (and ``token_plan`` with consolidation).
+    ``context``: the encoder the counts are against (CLIP: 75-token chunks; T5: its budget, no chunks)."""
     if settings.masked_sharing:
         references = storysync_references(settings, plan) or ()
     else:
@@ -90,11 +94,12 @@ def frame_rows(settings: Settings, plan: StoryRunPlan, tokenize: Tokenizer | Non
     rows = []
     for i, frame in enumerate(plan.story.frames):
         count = limit = None
-        if token_plan is not None:  # its image is encoded from its consolidated prompt (or window): one chunk
-            count, limit = token_plan.frames[i].eot_start - 1, CHUNK_CONTENT_TOKENS
-        elif tokenize is not None and not settings.consolidate:  # its own prompt, in as many 75-token chunks
+        if token_plan is not None:  # its image is encoded from its consolidated prompt (or window): one context
+            count, limit = token_plan.frames[i].eot_start - context.first, context.budget
+        elif tokenize is not None and not settings.consolidate:  # its own prompt (CLIP: in as many 75-token chunks)
             count = len(tokenize(without_extra_networks(plan.frame_prompts[i])))
-            limit = CHUNK_CONTENT_TOKENS * max(1, math.ceil(count / CHUNK_CONTENT_TOKENS))
+            limit = context.budget if context is not CLIP_CONTEXT else \
+                CHUNK_CONTENT_TOKENS * max(1, math.ceil(count / CHUNK_CONTENT_TOKENS))
         rows.append(FramePreview(
             number=i + 1, line=frame.line, characters=frame.characters, caption=frame.caption,
             prompt=plan.frame_prompts[i], seed=plan.seeds[i], batch=i // plan.batch_size + 1,
@@ -145,11 +150,12 @@ def seed_of(value: Any) -> int | None:
 
 
 def preview_panel(args: Sequence[Any] | Mapping[str, Any], style: str, seed: Any,
-                  tokenizers: Sequence[tuple[str, Tokenizer]] = ()) -> str:
+                  tokenizers: Sequence[tuple[str, Tokenizer]] = (), context: TextContext = CLIP_CONTEXT) -> str:
     """The frames preview as HTML: a status line (counts, token budget, or the first error with its line) and a
     table with one row per frame. ``args``: the accordion's values in ``option_keys()`` order (or named, as the
     API); ``style``/``seed``: the WebUI's prompt and seed boxes; ``tokenizers``: the loaded model's (name,
-    tokenizer) pairs, CLIP-L first (empty: no model, no token columns). Every error is reported, never raised."""
+    tokenizer) pairs, CLIP-L first (empty: no model, no token columns); Flux: T5's alone, with its ``context``.
+    Every error is reported, never raised."""
     story_index = option_keys().index("story")
     text = (args.get("story") if isinstance(args, Mapping) else
             args[story_index] if len(args) > story_index else "") or ""
@@ -167,12 +173,12 @@ def preview_panel(args: Sequence[Any] | Mapping[str, Any], style: str, seed: Any
     summary, status, rows = _summary(plan), None, None
     if tokenizers:
         try:
-            token_plan = consolidation_plan(settings, plan, tokenizers[0][1])
+            token_plan = consolidation_plan(settings, plan, tokenizers[0][1], context)
             if token_plan is not None:
                 for name, tokenize in tokenizers:
                     verify_token_plan(token_plan, tokenize, name)
                 summary += "; " + token_plan.budget_line()
-            rows = frame_rows(settings, plan, tokenizers[0][1], token_plan)
+            rows = frame_rows(settings, plan, tokenizers[0][1], token_plan, context)
         except TokenBudgetError as e:  # the rows stay, without token columns
             line = plan.story.frames[e.frame].line if e.frame is not None and e.frame < plan.frame_count else None
             status = _status(f"{summary}; {e}", error=True, line=line)

@@ -9,6 +9,7 @@ from unittest.mock import patch
 import pytest
 from PIL import Image
 
+from lib_consistency.one_prompt_one_story.token_plan import CLIP_CONTEXT, T5_DEV_CONTEXT, T5_SCHNELL_CONTEXT
 from lib_consistency.hosts import storyboard, ui, xyz
 from lib_consistency.settings import PRESETS, Settings, axis_keys, axis_label, infotext_key, option, option_keys
 from lib_consistency.story.examples import EXAMPLES
@@ -174,7 +175,7 @@ def host_values(prompt, seed):
 def test_update_preview_reads_the_prompt_and_seed_the_editor_sends():
     values = Settings(story="Bob: a man\n---\n[Bob] walks # One\n[Bob] runs", consolidate=False,
                       reweighting="none", ipca=False, seed_mode="sequential").to_args()
-    with patch.object(ui, "host_tokenizers", lambda: [("CLIP-L", str.split)]):
+    with patch.object(ui, "host_tokenizers", lambda: ([("CLIP-L", str.split)], CLIP_CONTEXT)):
         panel = ui.update_preview(*values, host_values("ink", 41))
         assert "ink, a man, walks" in panel and "<td>41</td>" in panel and "<td>42</td>" in panel
         assert 'data-line="4"' in panel and 'data-count="4" data-limit="75"' in panel
@@ -206,16 +207,42 @@ def test_host_tokenizers_read_tokenize_line_of_every_clip_encoder():
     modules = {**fake_modules(), "modules.shared": shared}
     modules["modules"].shared = shared
     with patch.dict("sys.modules", modules):
-        (name, tokenize), = ui.host_tokenizers()
+        ((name, tokenize),), context = ui.host_tokenizers()
+        assert context is CLIP_CONTEXT
         assert name == "CLIP" and tokenize("a red fox") == [(1, 1.0, None), (3, 1.0, None), (3, 1.0, None)]
         assert len(tokenize("word " * 80)) == 80  # two chunks, padding of the last one not counted
         shared.sd_model = types.SimpleNamespace(conditioner=types.SimpleNamespace(embedders=[clip, big_g]))  # SDXL
-        assert [(n, t("a fox")) for n, t in ui.host_tokenizers()] == [
+        assert [(n, t("a fox")) for n, t in ui.host_tokenizers()[0]] == [
             ("CLIP-L", [(1, 1.0, None), (3, 1.0, None)]), ("OpenCLIP bigG", [(2, 1.0, None), (6, 1.0, None)])]
         shared.sd_model = types.SimpleNamespace(text_processing_engine_l=clip, text_processing_engine_g=big_g)  # Forge
-        assert [n for n, _ in ui.host_tokenizers()] == ["CLIP-L", "OpenCLIP bigG"]
+        assert [n for n, _ in ui.host_tokenizers()[0]] == ["CLIP-L", "OpenCLIP bigG"]
         shared.sd_model = None
-        assert ui.host_tokenizers() == []
+        assert ui.host_tokenizers() == ([], CLIP_CONTEXT)
+
+
+def test_host_tokenizers_of_a_flux_checkpoint_are_t5s_against_its_budget():
+    from tests.flux_standin import FluxBlocks
+
+    class T5Chunk:
+        def __init__(self, ids):  # content, </s> (1), padding (0) to 256 rows
+            self.tokens = list(ids) + [1] + [0] * (255 - len(ids))
+            self.multipliers = [1.0] * 256
+
+    engine = types.SimpleNamespace(id_end=1, tokenize_line=lambda text: (
+        [T5Chunk([len(w) + 5 for w in text.split()])], len(text.split()) + 1))
+    transformer = FluxBlocks(8, 2, 8, 1, 1)
+    unet = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=transformer))
+    shared = types.SimpleNamespace(sd_model=types.SimpleNamespace(
+        text_processing_engine_t5=engine, text_processing_engine_l=types.SimpleNamespace(tokenize_line=None),
+        forge_objects=types.SimpleNamespace(unet=unet)))
+    modules = {**fake_modules(), "modules.shared": shared}
+    modules["modules"].shared = shared
+    with patch.dict("sys.modules", modules):
+        ((name, tokenize),), context = ui.host_tokenizers()
+        assert name == "T5" and context is T5_DEV_CONTEXT
+        assert tokenize("a red fox") == [(6, 1.0, None), (8, 1.0, None), (8, 1.0, None)]  # up to </s>
+        transformer.guidance_embed = False  # schnell
+        assert ui.host_tokenizers()[1] is T5_SCHNELL_CONTEXT
 
 
 def test_host_tokenizer_items_carry_emphasis_and_embeddings():

@@ -26,7 +26,9 @@ NAMED = ("Bob: a tall man with red hair and a green coat | man, coat\nAlice: a g
 # Flux dev's usual setting: distilled guidance, CFG 1 (cond rows only). 128 px = a 8x8 grid of image tokens.
 BASE = {"prompt": "watercolor", "negative_prompt": "", "steps": 3, "width": 128, "height": 128, "seed": 42,
         "sampler_name": "Euler", "scheduler": "Simple", "cfg_scale": 1, "distilled_cfg_scale": 3.5}
-ON_AND_OFF = {"StoryDiffusion": dict(csa=False), "StorySync": dict(csa=False, masked_sharing=False)}
+# Each preset, and the same story with its attention methods off (what a surface that never ran would give)
+ON_AND_OFF = {"1Prompt1Story": dict(ipca=False), "StoryDiffusion": dict(csa=False),
+              "StorySync": dict(csa=False, masked_sharing=False), "Combined": dict(csa=False, ipca=False)}
 
 
 def txt2img(args: list | None = None, fails: bool = False, **fields) -> dict:
@@ -91,10 +93,12 @@ def test_flux_xyz_over_a_storysync_axis():
     assert any("Story RFH strength: 0.8" in t for t in infotexts)
 
 
-@pytest.mark.parametrize("preset", ["1Prompt1Story", "Combined"])
-def test_flux_consolidation_is_refused_with_its_reason(preset):
-    body = txt2img(story(preset), fails=True)
-    assert "1Prompt1Story on Flux" in json.dumps(body)
+def test_flux_consolidation_counts_t5_tokens_and_records_its_spans():
+    body = txt2img(story("1Prompt1Story"))
+    infotext = body["info"]["infotexts"][0]
+    assert "Story Token spans: T5 identity 0-" in infotext and "; frames " in infotext, infotext
+    plain = txt2img(story("Custom", consolidate=False, reweighting="none", ipca=False, csa=False))
+    assert frames(body, 3) != frames(plain, 3)  # SVR'd T5 contexts reached the transformer
 
 
 def test_flux_refuses_a_oneactor_tag_saying_why():

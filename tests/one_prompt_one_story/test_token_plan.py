@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from lib_consistency.one_prompt_one_story.token_plan import (CHUNK_CONTENT_TOKENS, TokenBudgetError, TokenSpanError,
                                                              plan_tokens, verify_token_plan)
@@ -171,3 +172,25 @@ def test_spans_line_for_the_infotext():
     assert plan.spans_line() == "SOT 0; identity 1-3; frames 4-6 7-9; EOT 10-76"
     windowed = plan_tokens("hero", [f"s{i} " + "w " * 30 for i in range(3)], str.split)
     assert windowed.spans_line() == "SOT 0; identity 1-1; windows 1@2-32+2 2@2-32+3 3@2-32+1; EOT after each window"
+
+
+def test_a_t5_plan_starts_at_zero_and_counts_against_its_budget():
+    from lib_consistency.one_prompt_one_story.svr import svr_frame_context
+    from lib_consistency.one_prompt_one_story.token_plan import T5_DEV_CONTEXT, T5_SCHNELL_CONTEXT
+    words = str.split
+    frames = ["word " * 100, "word " * 100, "word " * 100]
+    plan = plan_tokens("a fox", frames, words, context=T5_DEV_CONTEXT)
+    assert not plan.windowed  # 302 tokens fit T5 dev's 511
+    first = plan.frames[0]
+    assert first.identity.start == 0 and first.identity_positions == (0, 1)  # no start token
+    assert [s.start for s in first.spans] == [2, 102, 202] and first.eot_start == 302
+    assert plan.spans_line() == "T5 identity 0-1; frames 2-101 102-201 202-301; EOT 302 on"
+    assert plan.budget_line() == "302/511 T5 tokens (identity 2, frames 100+100+100)"
+    schnell = plan_tokens("a fox", frames, words, context=T5_SCHNELL_CONTEXT)
+    assert schnell.windowed and all(len(p.frames) == 2 for p in schnell.frames)  # 255: two frames per window
+    with pytest.raises(TokenBudgetError, match="255-token budget of the T5 context"):
+        plan_tokens("a fox", ["word " * 260], words, context=T5_SCHNELL_CONTEXT)
+    # SVR on a T5 context: the EOT block is </s> and every padding row after it; identity rows untouched
+    context = torch.randn(320, 16, dtype=torch.float64)
+    out = svr_frame_context(context, first)
+    assert torch.equal(out[:2], context[:2]) and not torch.equal(out[302:], context[302:])
