@@ -112,6 +112,8 @@ def frame_rows(settings: Settings, plan: StoryRunPlan, tokenize: Tokenizer | Non
 
 
 # --- the accordion's HTML (javascript/story_editor.js reads the data-* attributes) ---------------------------------
+# The table stays inside the accordion at any width: the text columns (#, characters, caption, prompt) break long
+# words anywhere, so the table wraps; when its columns still cannot fit, `.cs-table` scrolls it sideways.
 
 STYLE = """<style>
 .cs-preview{color:var(--body-text-color);font-size:var(--text-sm,0.875rem)}
@@ -126,6 +128,7 @@ STYLE = """<style>
 .cs-preview tr.cs-frame:hover td{background:var(--background-fill-secondary)}
 .cs-preview tr.cs-selected td{outline:1px solid var(--color-accent,#f97316);outline-offset:-1px}
 .cs-preview .cs-prompt{word-break:break-word;min-width:14em}
+.cs-preview td:nth-child(-n+4){overflow-wrap:anywhere}
 .cs-preview .cs-dim{color:var(--body-text-color-subdued)}
 </style>"""
 

@@ -488,3 +488,39 @@ def test_popup_and_pills_readable(browser, server, tokenize, gradio, theme):
     finally:
         session.context.close()
     assert session.problems == []
+
+
+# --- the preview's width --------------------------------------------------------------------------------------------
+
+LONG_WORDS = ("Bartholomew_Featherstonehaugh_3r: a_knight_whose_armour_description_has_no_spaces_at_all_anywhere\n"
+              "Alexandra Konstantinopoulou: a woman with very long silver hair and a green cloak with golden stars\n"
+              "---\n[Bartholomew_Featherstonehaugh_3r] [Alexandra Konstantinopoulou] walk along the beach at dawn "
+              "# A_caption_without_a_single_space_to_break_the_line_anywhere\n"
+              "[Alexandra Konstantinopoulou] reads supercalifragilisticexpialidocious_antidisestablishmentarianism\n"
+              "[NC] gulls over the waves")
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+@pytest.mark.parametrize("width", [470, 640])
+def test_preview_table_fits_the_accordion(browser, server, tokenize, gradio, theme, width):
+    """Long unbroken names, descriptions and captions wrap inside the accordion (470 px: a 444 px preview block,
+    what A1111 gives it in a 1024 px window; 640 px: a 1366 px one); the table never reaches past its right edge."""
+    session = _session(browser, server, tokenize, gradio, theme)
+    try:
+        page = session.fresh()
+        page.eval_on_selector(".gradio-container", "(n, w) => { n.style.width = w + 'px'; }", width)
+        page.set_story(LONG_WORDS)
+        page.refreshed()
+        edges = page.evaluate("""(p) => {
+            const right = (q) => document.querySelector(q).getBoundingClientRect().right;
+            const box = document.querySelector('#' + p + 'preview .cs-table');
+            return {accordion: right('#accordion'), block: right('#' + p + 'preview'), box: right('#' + p +
+                'preview .cs-table'), table: right('#' + p + 'preview table'), columns:
+                document.querySelectorAll('#' + p + 'preview th').length, scroll: box.scrollWidth - box.clientWidth};
+            }""", P)
+        assert edges["columns"] == 7, edges
+        assert edges["box"] <= edges["block"] <= edges["accordion"], edges
+        assert edges["table"] <= edges["box"] and edges["scroll"] == 0, edges  # wrapped, not scrolled
+    finally:
+        session.context.close()
+    assert session.problems == []
