@@ -105,3 +105,17 @@ def test_flux_refuses_a_oneactor_tag_saying_why():
     body = txt2img(None, fails=True, prompt="watercolor <oneactor:somebody>")
     text = json.dumps(body)
     assert "OneActor" in text and "middle block" in text, text
+
+
+@pytest.mark.parametrize("preset", list(ON_AND_OFF))
+def test_flux_methods_taken_away_by_another_extension_fail_the_request(preset):
+    """With ``tests/integration/breaker_extension`` installed (skipped otherwise): it assigns a fresh patcher
+    clone after ours, dropping the model wrapper that brings the DiT surface in; the request fails naming the
+    method, and the WebUI is left as it was."""
+    status, scripts = call("/sdapi/v1/script-info")
+    if not any(s["name"] == "consistent story breaker (test)" for s in scripts):
+        pytest.skip("the breaker extension (tests/integration/breaker_extension) is not installed")
+    vanilla_before = image_bytes(txt2img())
+    body = txt2img(story(preset), fails=True, prompt="watercolor BREAKSTORYPATCHES")
+    assert "did not run in this UNet call" in json.dumps(body) and "Consistent Story" in json.dumps(body)
+    assert image_bytes(txt2img()) == vanilla_before
