@@ -1,5 +1,5 @@
-"""Flux in Forge and Forge Neo: the DiT surface (``surfaces/flux_blocks``) around every model call, and what Flux
-does not support.
+"""Flux in Forge and Forge Neo: the DiT surface (``surfaces/flux_blocks``) around every model call, and OneActor's
+refusal (the one method Flux does not support).
 
 Host contract (``backend/sampling/sampling_function.py``, Forge ``dfdcbab6`` and Neo alike): every model call of
 sampling goes through ``model_options["model_function_wrapper"](apply_model, {"input", "timestep", "c",
@@ -15,12 +15,10 @@ from typing import Any
 
 from ..common.row_layout import forge_row_layout
 from ..surfaces.dit_attention import DitRunState
-from ..surfaces.flux_blocks import FluxSurface, flux_blocks, flux_depth, is_flux_model
+from ..surfaces.flux_blocks import FluxSurface, flux_depth, is_flux_model
 
 WRAPPER = "model_function_wrapper"
 
-# Why a setting is refused on Flux (shown in the UI / API error); checked before any image.
-FLUX_UNSUPPORTED: dict[str, str] = {}
 ONEACTOR_ON_FLUX = ("OneActor: characters need a UNet: a character's projector reads the UNet's middle block "
                     "(OneActor §3.2), which Flux, a diffusion transformer, does not have; use an SD1.x or SDXL "
                     "checkpoint for OneActor characters")
@@ -31,19 +29,6 @@ def flux_model(p) -> Any | None:
     forge = getattr(getattr(p, "sd_model", None), "forge_objects", None)
     model = getattr(getattr(getattr(forge, "unet", None), "model", None), "diffusion_model", None)
     return model if model is not None and is_flux_model(model) else None
-
-
-def flux_refusal(settings) -> str | None:
-    for field, reason in FLUX_UNSUPPORTED.items():
-        if getattr(settings, field, False):
-            return reason
-    return None
-
-
-def flux_layers(model) -> dict[str, list]:
-    """The block addresses each surface must be entered on in every model call (the guard's ``Reach``)."""
-    blocks = [layer for layer, _ in flux_blocks(model)]
-    return {"all": blocks, "double": [layer for layer in blocks if layer[0] == "double"]}
 
 
 def patch_flux(p, generation) -> None:

@@ -42,7 +42,7 @@ from . import a1111
 from .coexist import (check_host_prompts, controlnet_batch_inputs, forge_controlnet_inputs, hypertile_refusal,
                       keep_dynamic_prompts_off, restore_controlnet_inputs, split_controlnet_mark, with_controlnet_mark)
 from .conditioning import SDXL_POOLED_WIDTH, batch_conditioning
-from .flux import depth_of, flux_model, flux_refusal, patch_flux
+from .flux import depth_of, flux_model, patch_flux
 from .forge import is_forge, patch_unet
 from .guard import SamplingGuard, checked_sampling, unet_module, want_surfaces
 from .prepass import run_vanilla_prepass, wants_prepass
@@ -91,9 +91,7 @@ def settings_for(p, args: Sequence[Any]) -> Settings:
 def refusal(p, settings: Settings) -> str | None:
     """Why this job cannot run with the story methods, or None (hosts.md §13, §15.4); needs the loaded model."""
     model = p.sd_model
-    if flux_model(p) is not None:
-        return flux_refusal(settings)
-    if not (getattr(model, "is_sdxl", False) or getattr(model, "is_sd1", False)):
+    if flux_model(p) is None and not (getattr(model, "is_sdxl", False) or getattr(model, "is_sd1", False)):
         return "only SD1.x, SDXL and (in Forge) Flux checkpoints are supported"
     if getattr(sd_unet, "current_unet", None) is not None:
         return "a replaced UNet (SD UNet setting, e.g. TensorRT) bypasses the attention hooks"

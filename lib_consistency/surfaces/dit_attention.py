@@ -47,8 +47,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class DitRunState:
     """What the block adapters of one sampling call need: the method states (``csa``: ``ConsistencyState``,
-    ``storysync``: ``StorySyncState``; None when off), the ``Reach`` each surface tells, and this call's rows and
-    image-token grid, set by the adapter per model call (``rows``)."""
+    ``storysync``: ``StorySyncState``, ``ipca``: ``IdentityAttentionState``; None when off) and the ``Reach`` each
+    surface tells. The adapter gives the states each model call's rows and image-token grid (``set_rows``)."""
     csa: Any = None
     storysync: Any = None
     reach: Reach | None = None
@@ -62,8 +62,8 @@ class DitRunState:
         """Rows (frames, CFG roles) of the coming model call and its image-token grid (H/16, W/16 for Flux)."""
         if self.csa is not None:
             self.csa.begin_unet_call(layout, grid_hw)
-        if self.storysync is not None:
-            self.storysync.set_rows(layout, grid_hw)
+        if self.storysync is not None:  # a new model call: maps of an aborted one are dropped
+            self.storysync.begin_unet_call(layout, grid_hw)
         if self.ipca is not None:
             self.ipca.layout = layout
 

@@ -11,7 +11,6 @@ import torch
 
 from lib_consistency.common.row_layout import Role
 from lib_consistency.hosts import flux
-from lib_consistency.settings import Settings
 from lib_consistency.story_diffusion.consistent_self_attention import CsaSettings
 from lib_consistency.story_diffusion.state import ConsistencyState
 from lib_consistency.surfaces.flux_blocks import flux_depth
@@ -109,5 +108,4 @@ def test_flux_is_detected_and_oneactor_refused_with_its_reason(setup):
     p, _, transformer, _ = setup
     assert flux.flux_model(p) is transformer and flux.depth_of(p) == flux_depth(transformer)
     assert flux.flux_model(types.SimpleNamespace(sd_model=types.SimpleNamespace())) is None
-    assert flux.flux_refusal(Settings(enabled=True, story="a\nb\nc")) is None
     assert "middle block" in flux.ONEACTOR_ON_FLUX
