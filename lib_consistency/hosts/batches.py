@@ -34,7 +34,7 @@ not written for such a story.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -47,9 +47,10 @@ from ..story.run import StoryRunPlan
 
 @dataclass
 class DeferredSaving:
-    """The ``p`` flags ``before_process`` changed, and whether the host would have saved frames and grid."""
+    """The ``p`` flags ``before_process`` changed, and the frames whose images the host made, in drawing order."""
     do_not_save_samples: bool
     do_not_save_grid: bool
+    drawn: list[int] = field(default_factory=list)
 
 
 def defer_saving(p, plan: StoryRunPlan) -> DeferredSaving | None:
@@ -87,12 +88,14 @@ def process_batch(p, plan: StoryRunPlan) -> None:
     p.hr_prompts, p.hr_extra_network_data = extra_networks.parse_prompts(_take(p.all_hr_prompts, frames))
 
 
-def postprocess_batch_list(p, plan: StoryRunPlan) -> None:
-    """The prompts the host sliced again before the images' infotexts and files."""
+def postprocess_batch_list(p, plan: StoryRunPlan, deferred: DeferredSaving | None) -> None:
+    """The prompts the host sliced again before the images' infotexts and files (its next step makes them)."""
     if plan.host_slices:
         return
     frames = plan.batch_frames(p.iteration)
     p.prompts, p.negative_prompts = _take(p.all_prompts, frames), _take(p.all_negative_prompts, frames)
+    if deferred is not None:
+        deferred.drawn += frames
 
 
 ROW_TENSORS = ("init_latent", "image_conditioning")  # img2img: made once per job for p.batch_size rows
@@ -121,34 +124,34 @@ def restore_story_order(p, plan: StoryRunPlan, processed, deferred: DeferredSavi
     if deferred is None:
         return
     p.do_not_save_samples, p.do_not_save_grid = deferred.do_not_save_samples, deferred.do_not_save_grid
-    first = processed.index_of_first_image
-    drawn = processed.images[first:]
-    order = plan.drawing_order[:len(drawn)]
-    if len(drawn) != len(processed.infotexts[first:]) or len(drawn) > plan.frame_count:
-        print("Consistent Story: the job returned other images than one per frame; they stay in drawing order")
+    first, order = processed.index_of_first_image, deferred.drawn
+    end = first + len(order)  # the frames' images; other scripts' images may follow
+    if len(processed.images) < end or len(processed.infotexts) < end:
+        print("Consistent Story: the job returned fewer images than it drew frames (masks or other images among "
+              "them?); the frames stay in drawing order and unsaved")
         return
     ranks = story_order(order)
     frames = [order[k] for k in ranks]
-    processed.images[first:] = [drawn[k] for k in ranks]
-    processed.infotexts[first:] = [processed.infotexts[first + k] for k in ranks]
+    processed.images[first:end] = [processed.images[first + k] for k in ranks]
+    processed.infotexts[first:end] = [processed.infotexts[first + k] for k in ranks]
     processed.info = processed.infotexts[0]
     opts, state = shared.opts, shared.state
     if opts.samples_save and not p.do_not_save_samples and \
             (opts.save_incomplete_images or not (state.interrupted or state.skipped)):
         iteration, index = p.iteration, getattr(p, "batch_index", 0)
         try:
-            for frame, image, info in zip(frames, processed.images[first:], processed.infotexts[first:]):
+            for frame, image, info in zip(frames, processed.images[first:end], processed.infotexts[first:end]):
                 p.iteration, p.batch_index = divmod(frame, p.batch_size)  # [generation_number] = frame + 1
                 images.save_image(image, p.outpath_samples, "", p.all_seeds[frame], p.all_prompts[frame],
                                   opts.samples_format, info=info, p=p)
         finally:
             p.iteration, p.batch_index = iteration, index
-    _story_order_grid(p, processed, first)
+    _story_order_grid(p, processed, first, end)
 
 
-def _story_order_grid(p, processed, first: int) -> None:
+def _story_order_grid(p, processed, first: int, end: int) -> None:
     """The host's grid (``process_images_inner``) from the frames in story order; one it made is replaced."""
-    opts, frames = shared.opts, processed.images[first:]
+    opts, frames = shared.opts, processed.images[first:end]
     if not (opts.return_grid or opts.grid_save) or p.do_not_save_grid or \
             (len(frames) < 2 and opts.grid_only_if_multiple):
         return

@@ -168,7 +168,7 @@ def process_batch(p) -> None:
 def postprocess_batch_list(p) -> None:
     """Per batch, before its infotexts and files: its frames' prompts again (``batches.py``)."""
     if (generation := _story_batches(p)) is not None:
-        batches.postprocess_batch_list(p, generation.plan)
+        batches.postprocess_batch_list(p, generation.plan, generation.deferred)
 
 
 def _message(error: Exception) -> str:
