@@ -436,6 +436,22 @@ def test_characters_with_their_own_loras_are_drawn_in_batches_by_network_set_in_
         assert infotext.splitlines()[0] == expected[i] and f"Seed: {42 + i}," in infotext, (i, infotext)
 
 
+def test_a_story_by_network_set_with_hires_fix_and_in_img2img():
+    """Hires prompts and img2img rows follow each batch: frames come back in story order with their own seeds."""
+    first, second = two_loras()
+    args = [{"enabled": True, "story": lily_tom(f"{first}:1", f"{second}:1"), "seed_mode": "sequential",
+             "storyboard": False}]
+    hires = txt2img(args, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=2,
+                    denoising_strength=0.6, hr_additional_modules=["Use same choices"])
+    init = txt2img()["images"][0]
+    status, body = call("/sdapi/v1/img2img", {**BASE, "init_images": [init], "denoising_strength": 0.6,
+                                              "alwayson_scripts": {"consistent story": {"args": args}}})
+    assert status == 200, body
+    for result in (hires["info"], json.loads(body["info"])):
+        assert [text.splitlines()[0] for text in result["infotexts"]] == result["all_prompts"]
+        assert [f"Seed: {42 + i}," in text for i, text in enumerate(result["infotexts"])] == [True] * 5
+
+
 def test_a_story_by_network_set_saves_frames_and_grid_in_story_order():
     """With ``save_images`` the WebUI would save frames as it draws them (batch order); the story saves them after
     the last batch, in story order, and returns its grid first."""
