@@ -80,7 +80,17 @@ def stub_modules() -> dict[str, types.ModuleType]:
         "get_sort_keys": lambda self, path: {}})
     mods["modules.paths"].models_path = "models"
     mods["modules.images"].saved = []
-    mods["modules.images"].save_image = lambda image, *a, **k: mods["modules.images"].saved.append(image)
+    mods["modules.images"].saved_files = []  # (path, basename, seed, prompt, info, [generation_number]) per file
+
+    def save_image(image, path, basename, seed=None, prompt=None, extension="png", info=None, p=None, **kwargs):
+        mods["modules.images"].saved.append(image)
+        number = p.iteration * p.batch_size + getattr(p, "batch_index", 0) + 1 if p is not None else None
+        mods["modules.images"].saved_files.append((path, basename, seed, prompt, info, number))
+    mods["modules.images"].save_image = save_image
+    mods["modules.images"].image_grid = lambda imgs, batch_size=1, rows=None: ("grid", batch_size, list(imgs))
+    mods["modules.processing"].create_infotext = \
+        lambda p, prompts, seeds, subseeds, use_main_prompt=False, index=None, all_negative_prompts=None, **k: \
+        f"{p.main_prompt if use_main_prompt else prompts[index]}\nSeed: {seeds[index]}"
     mods["modules.processing"].get_fixed_seed = lambda seed: 1234 if seed in (-1, None, "") else int(seed)
 
     class SdConditioning(list):
@@ -94,11 +104,14 @@ def stub_modules() -> dict[str, types.ModuleType]:
                                 else [[1, text], [steps, text]] for text in prompts]
     mods["modules.sd_unet"].current_unet = None
     opts = types.SimpleNamespace(data={}, skip_early_cond=0.0, s_min_uncond_all=False, grid_save=False,
-                                 grid_format="png")
+                                 grid_format="png", samples_save=True, samples_format="png",
+                                 save_incomplete_images=False, return_grid=True, grid_only_if_multiple=True,
+                                 enable_pnginfo=False, grid_extended_filename=False)
     mods["modules.shared"].opts = opts
     mods["modules.shared"].prompt_styles = PromptStyles()
     mods["modules.shared"].state = types.SimpleNamespace(sampling_step=0, sampling_steps=0, current_latent=None,
-                                                         current_image_sampling_step=0)
+                                                         current_image_sampling_step=0, interrupted=False,
+                                                         skipped=False)
     mods["modules.shared"].total_tqdm = types.SimpleNamespace(update=lambda: None)
     mods["modules.rng"].ImageRNG = ImageRNG
     mods["modules.scripts"].Script = type("Script", (), {})
@@ -241,6 +254,11 @@ class ToyProcessing:
         self.closed = False
         self.seen_conds: list[torch.Tensor] = []
         self.rng = None  # set per batch like process_images_inner; None: fixed noise
+        self.prompts = None  # the batch's prompts, set per batch by process_images (None: sliced from self.prompt)
+        self.do_not_save_samples, self.outpath_samples = False, "samples"
+        self.subseed_strength, self.seed_resize_from_h, self.seed_resize_from_w = 0.0, 0, 0
+        self.drawn: list[tuple[list[str], list[int], tuple[str, ...]]] = []  # per batch: prompts, seeds, networks
+        # (the prompts with their tags, as the host parses them; the networks it activated)
 
     def close(self):
         self.closed = True
@@ -269,9 +287,58 @@ class ToyProcessing:
             outputs.append(self.sample(on_cfg_denoiser))
         return outputs
 
+    def process_images(self, pipeline):
+        """``process_images_inner`` from ``setup_prompts`` with the story's hooks (hosts.md §1.2): per batch the
+        host's slices of ``all_*`` at ``n * batch_size``, ``p.rng`` from the slice's seeds, ``before_process_batch``,
+        the networks of the batch's first prompt (``parse_prompts``), ``process_batch``, ``sample``, the slices of
+        the prompts again, ``postprocess_batch_list``, then each image's infotext from ``p.prompts``/``p.seeds``,
+        saved unless ``do_not_save_samples``; the grid unless ``do_not_save_grid``; then ``postprocess``. Images
+        are the batch's final latents [4, 8, 8]; returns a ``Processed``-like namespace."""
+        from modules import extra_networks, images, rng, shared
+        self.setup_prompts()
+        self.all_negative_prompts = [self.negative_prompt] * len(self.all_prompts)
+        self.all_subseeds = [1000 + i for i in range(len(self.all_prompts))]
+        pipeline.process(self)
+        output, infotexts = [], []
+        for n in range(self.n_iter):
+            self.iteration, part = n, slice(n * self.batch_size, (n + 1) * self.batch_size)
+            self.prompts, self.negative_prompts = self.all_prompts[part], self.all_negative_prompts[part]
+            self.seeds, self.subseeds = self.all_seeds[part], self.all_subseeds[part]
+            self.rng = rng.ImageRNG((4, 8, 8), self.seeds, subseeds=self.subseeds)
+            pipeline.before_process_batch(self)
+            if not self.prompts:
+                break
+            drawn = list(self.prompts)
+            self.prompts, networks = extra_networks.parse_prompts(self.prompts)
+            self.sd_model.active_networks = tuple(sorted(f"<{kind}:{':'.join(params.items)}>"
+                                                         for kind, found in networks.items() for params in found))
+            self.drawn.append((drawn, list(self.seeds), self.sd_model.active_networks))
+            pipeline.process_batch(self)
+            latents = self.sample(pipeline.on_cfg_denoiser)
+            self.prompts, self.negative_prompts = self.all_prompts[part], self.all_negative_prompts[part]
+            pipeline.postprocess_batch_list(self)
+            for i, latent in enumerate(latents):
+                self.batch_index = i
+                info = f"{self.prompts[i]}\nSeed: {self.seeds[i]}"
+                if shared.opts.samples_save and not self.do_not_save_samples:
+                    images.save_image(latent, self.outpath_samples, "", self.seeds[i], self.prompts[i], "png",
+                                      info=info, p=self)
+                output.append(latent)
+                infotexts.append(info)
+        first = 0
+        if shared.opts.return_grid and not self.do_not_save_grid and len(output) > 1:
+            output.insert(0, images.image_grid(output, self.batch_size))
+            infotexts.insert(0, f"{self.main_prompt}\nSeed: {self.all_seeds[0]}")
+            first = 1
+        processed = types.SimpleNamespace(images=output, infotexts=infotexts, index_of_first_image=first,
+                                          info=infotexts[0], seed=self.all_seeds[0])
+        pipeline.postprocess(self, processed)
+        return processed
+
     def sample(self, on_cfg_denoiser, fail_at_step: int | None = None):
         """One batch: ``steps`` denoiser calls, each one UNet call of 2B rows [cond ; uncond] (batch_cond_uncond)."""
-        prompts = self.prompt[self.iteration * self.batch_size:][:self.batch_size] \
+        prompts = self.prompts if self.prompts is not None else \
+            self.prompt[self.iteration * self.batch_size:][:self.batch_size] \
             if isinstance(self.prompt, list) else [self.prompt] * self.batch_size
         model, unet = self.sd_model, self.sd_model.model.diffusion_model
         cond, uncond = model.cond_stage_model.encode(prompts), model.cond_stage_model.encode([""] * len(prompts))
@@ -298,4 +365,7 @@ def install_stub_modules(monkeypatch) -> dict[str, types.ModuleType]:
         monkeypatch.setitem(sys.modules, name, module)
     for name in [n for n in sys.modules if n.startswith("lib_consistency.hosts.")]:
         monkeypatch.delitem(sys.modules, name)
+        parent, _, child = name.rpartition(".")  # ``from . import child`` takes the package's attribute first
+        if hasattr(sys.modules.get(parent), child):
+            monkeypatch.delattr(sys.modules[parent], child)
     return mods

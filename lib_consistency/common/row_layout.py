@@ -60,16 +60,29 @@ UNKNOWN_LAYOUT = RowLayout((), (), known=False)
 # ---------------------------------------------------------------------------------------------- A1111 1.10
 
 
-def a1111_step_plan(repeats: Sequence[int], frame_offset: int, edit_model_uncond: bool = False) -> RowLayout:
+Frames = int | tuple[int, ...]  # the batch's first frame (frames in a row), or the frame of every image
+
+
+def batch_image_frames(frames: Frames, batch_size: int) -> tuple[int, ...]:
+    """The frame of each of the ``batch_size`` images of a batch: ``frames + i`` for a first frame, else
+    ``frames`` itself (a story's batches by network set hold frames that are not in a row, story/batches.py)."""
+    if isinstance(frames, int):
+        return tuple(frames + i for i in range(batch_size))
+    if len(frames) != batch_size:
+        raise ValueError(f"a batch of {batch_size} images cannot hold the {len(frames)} frames {list(frames)}")
+    return tuple(frames)
+
+
+def a1111_step_plan(repeats: Sequence[int], frame_offset: Frames, edit_model_uncond: bool = False) -> RowLayout:
     """All rows ``CFGDenoiser.forward`` builds for one denoiser call, in host order (hosts.md §4.1).
 
     ``repeats[i]``: number of AND sub-prompts of image i (B = len(repeats)); ``frame_offset``:
-    ``p.iteration * p.batch_size``; ``edit_model_uncond``: an InstructPix2Pix model with image-CFG adds B
-    image-uncond rows (role OTHER).
+    ``p.iteration * p.batch_size``, or the B frames of the batch; ``edit_model_uncond``: an InstructPix2Pix model
+    with image-CFG adds B image-uncond rows (role OTHER).
     """
     if any(n < 1 for n in repeats):
         raise ValueError(f"a1111_step_plan: every image needs at least one cond row, got repeats={list(repeats)}")
-    images = [frame_offset + i for i in range(len(repeats))]
+    images = batch_image_frames(frame_offset, len(repeats))
     frames = [frame for frame, n in zip(images, repeats) for _ in range(n)]
     roles = [Role.COND] * len(frames)
     frames += images
@@ -118,11 +131,12 @@ class A1111RowCursor:
 
 
 def forge_row_layout(cond_or_uncond: Sequence[int], batch_size: int, num_rows: int,
-                     frame_offset: int) -> RowLayout:
+                     frame_offset: Frames) -> RowLayout:
     """Layout of a Forge UNet call from ``extra_options`` (hosts.md §4.2).
 
     Row r is chunk ``r // B``, image ``r % B``, role ``cond_or_uncond[r // B]`` (0 = cond, 1 = uncond), with
-    ``B = len(extra_options['sigmas'])``. Cached: Forge patches rebuild the layout on every attention call.
+    ``B = len(extra_options['sigmas'])``; ``frame_offset``: the batch's first frame, or its B frames. Cached: Forge
+    patches rebuild the layout on every attention call.
     """
     return _forge_row_layout(tuple(cond_or_uncond), batch_size, num_rows, frame_offset)
 
@@ -132,12 +146,15 @@ _FORGE_ROLES = {0: Role.COND, 1: Role.UNCOND}
 
 @functools.lru_cache(maxsize=64)
 def _forge_row_layout(cond_or_uncond: tuple[int, ...], batch_size: int, num_rows: int,
-                      frame_offset: int) -> RowLayout:
+                      frame_offset: Frames) -> RowLayout:
     if batch_size < 1 or num_rows != batch_size * len(cond_or_uncond) or num_rows == 0:
         return UNKNOWN_LAYOUT
     if any(value not in _FORGE_ROLES for value in cond_or_uncond):
         return UNKNOWN_LAYOUT
-    frames = tuple(frame_offset + r % batch_size for r in range(num_rows))
+    if not isinstance(frame_offset, int) and len(frame_offset) != batch_size:
+        return UNKNOWN_LAYOUT  # rows that are not this batch's images
+    images = batch_image_frames(frame_offset, batch_size)
+    frames = tuple(images[r % batch_size] for r in range(num_rows))
     roles = tuple(_FORGE_ROLES[cond_or_uncond[r // batch_size]] for r in range(num_rows))
     return RowLayout(frames, roles)
 

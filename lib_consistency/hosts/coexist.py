@@ -8,7 +8,8 @@
   and a frame that uses its syntax is refused, never drawn with the braces as words.
 - Any other extension that changes the frames' prompts, seeds or batches after ``before_process`` is caught at
   the first ``p.sample`` (the host's ``setup_prompts`` and every ``process`` hook have run by then).
-- Extra networks (LoRA…) activate per batch from the batch's first prompt; see ``check_batch_networks``.
+- Extra networks (LoRA…) activate per batch from the batch's first prompt: the story plans batches of one set of
+  networks each (``story/batches.py``, ``batches.py``); ``check_batch_networks`` checks the prompts the host holds.
 - sd-webui-controlnet (A1111) marks every cond with a first context token of ±1024 (``hook.py``
   ``mark_prompt_context``, in its ``p.sample`` wrapper) and strips it in its UNet forward to tell cond rows from
   uncond rows; a context swapped in per step keeps that token (``split_controlnet_mark``). Per-image control inputs
@@ -29,11 +30,10 @@ from modules import shared
 
 from ..common.row_layout import TokenGrid
 from ..one_prompt_one_story.token_plan import CONTEXT_TOKENS
-from ..story.run import StoryRunPlan, check_batch_networks, extra_networks_of, frame_label
+from ..story.run import PER_IMAGE_NETWORKS, StoryRunPlan, check_batch_networks, extra_networks_of, frame_label
 from ..story_diffusion.consistent_self_attention import LayerPolicy, layer_is_selected
 from ..surfaces.instance_hooks import ldm_layer_address
 
-PER_IMAGE_NETWORKS = ("oneactor",)  # OneActor acts on each image's own cond rows, not on the model's weights
 DYNAMIC_PROMPTS_TITLE = "Dynamic Prompts"
 CONTROLNET_TITLE = "ControlNet"  # sd-webui-controlnet's and Forge's built-in script
 CONTROLNET_MARK = 1024.0  # sd-webui-controlnet hook.py POSITIVE_MARK_TOKEN (negative rows: -1024)

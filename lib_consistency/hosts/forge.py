@@ -56,7 +56,7 @@ def patch_unet(p, generation, attention: Attention, latent_shape: Sequence[int] 
     unet = p.sd_model.forge_objects.unet.clone()
     storysync = getattr(generation, "storysync", None)
     unet.set_transformer_option(TRANSFORMER_OPTION, ForgeRunState(generation.csa, generation.ipca,
-                                                                  p.iteration * generation.plan.batch_size,
+                                                                  generation.plan.batch_frames(p.iteration),
                                                                   storysync, getattr(generation, "reach", None)))
     if generation.csa is not None or storysync is not None:
         attn1 = storysync_replace if storysync is not None else csa_replace

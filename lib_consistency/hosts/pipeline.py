@@ -13,10 +13,14 @@ on ``p``, never on the Script, which the txt2img tab, the img2img tab and the AP
   and the story plan; refuse unsupported setups; turn the story into the batch (one image per frame, prompts,
   seeds, batch size/count). Script hooks' exceptions are swallowed by the host (hosts.md §1.3), so any error is
   kept and re-raised from the wrapped ``p.sample``, where it fails the request with its message.
+- ``before_process_batch`` / ``process_batch`` / ``postprocess_batch_list``: a story whose frames name different
+  extra networks is drawn in batches of one network set each, which are not the host's slices; each batch gets its
+  frames' prompts, seeds and noise (``batches.py``).
 - ``p.sample`` (wrapped, called once per batch; hires runs inside it): build this batch's 1P1S conditioning, install
   a UNet pre-hook (row cursor) and the attention hooks, sample, remove everything in ``finally``.
 - ``on_cfg_denoiser`` (registered once at import): swap in the frames' conditioning, plan the rows of this step.
-- ``postprocess``: append the storyboard, close the run; ``p.close`` is wrapped too (runs even on errors).
+- ``postprocess``: images back in story order (batches drawn out of it), append the storyboard, close the run;
+  ``p.close`` is wrapped too (runs even on errors).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from ..story_diffusion.state import BankMode, ConsistencyState
 from ..story_sync.state import StorySyncState
 from ..surfaces.flux_blocks import sweep_flux
 from ..surfaces.reach import Reach
-from . import a1111
+from . import a1111, batches
 from .coexist import (check_host_prompts, controlnet_batch_inputs, forge_controlnet_inputs, hypertile_refusal,
                       keep_dynamic_prompts_off, restore_controlnet_inputs, split_controlnet_mark, with_controlnet_mark)
 from .conditioning import SDXL_POOLED_WIDTH, batch_conditioning
@@ -76,6 +80,7 @@ class StoryGeneration:
         self.reach = Reach()  # the surfaces the settings ask for; every UNet call must enter them (guard.py)
         self.guard = SamplingGuard(self.reach)
         self.postprocess_error: Exception | None = None  # raised from p.close (the host swallows postprocess's)
+        self.deferred: batches.DeferredSaving | None = None  # saving taken over: batches drawn out of story order
 
 
 def settings_for(p, args: Sequence[Any]) -> Settings:
@@ -133,6 +138,7 @@ def before_process(p, args: Sequence[Any]) -> None:
         p.hr_prompt = list(plan.frame_prompts)
     p.seed = list(plan.seeds)
     p.batch_size, p.n_iter = plan.batch_size, plan.batch_count
+    generation.deferred = batches.defer_saving(p, plan)
     p.extra_generation_params.update(settings.to_infotext())
     p.extra_generation_params[STYLE_INFOTEXT_KEY] = plan.style
     _wrap_sampling(p, generation)
@@ -144,6 +150,29 @@ def process(p) -> None:
     hand it the first frame's hires prompt; nothing else reads it once ``all_hr_prompts`` exists."""
     if getattr(p, RUN_ATTRIBUTE, None) is not None and isinstance(getattr(p, "hr_prompt", ""), list):
         p.hr_prompt = p.all_hr_prompts[0]
+
+
+def _story_batches(p) -> StoryGeneration | None:
+    generation = getattr(p, RUN_ATTRIBUTE, None)
+    return generation if generation is not None and generation.error is None else None
+
+
+def before_process_batch(p) -> None:
+    """Per batch, before the host parses its networks: its frames' prompts, seeds and noise (``batches.py``)."""
+    if (generation := _story_batches(p)) is not None:
+        batches.before_process_batch(p, generation.plan)
+
+
+def process_batch(p) -> None:
+    """Per batch, before ``setup_conds``: its frames' hires prompts and networks (``batches.py``)."""
+    if (generation := _story_batches(p)) is not None:
+        batches.process_batch(p, generation.plan)
+
+
+def postprocess_batch_list(p) -> None:
+    """Per batch, before its infotexts and files: its frames' prompts again (``batches.py``)."""
+    if (generation := _story_batches(p)) is not None:
+        batches.postprocess_batch_list(p, generation.plan, generation.deferred)
 
 
 def _message(error: Exception) -> str:
@@ -181,15 +210,19 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
                 install(p, generation)  # inside the outer try: a half-done install is undone too
             except Exception as error:
                 raise RuntimeError(_message(error)) from error
-            if wants_prepass(p, generation.storysync):  # StorySync BLI: the vanilla trajectory first
-                run_vanilla_prepass(p, generation.storysync, lambda: original_sample(*args, **kwargs),
-                                    generation.ipca)
-            return original_sample(*args, **kwargs)
+            with batches.batch_rows(p, generation.plan):
+                if wants_prepass(p, generation.storysync):  # StorySync BLI: the vanilla trajectory first
+                    run_vanilla_prepass(p, generation.storysync, lambda: original_sample(*args, **kwargs),
+                                        generation.ipca)
+                return original_sample(*args, **kwargs)
         finally:
             uninstall(p, generation)
 
     def close():
         try:
+            if generation.deferred is not None:  # a failed job: postprocess never gave p its flags back
+                p.do_not_save_samples = generation.deferred.do_not_save_samples
+                p.do_not_save_grid = generation.deferred.do_not_save_grid
             uninstall(p, generation)
             restore_controlnet_inputs(generation.controlnet_hints)
             for state in (generation.csa, generation.storysync):
@@ -223,8 +256,7 @@ def install(p, generation: StoryGeneration) -> None:
         if generation.storysync is None:
             generation.storysync = storysync_state(p, generation.settings, generation.plan, depth_of(p))
         state = generation.storysync
-        state.bank_mode = BankMode.OFF if plan.batch_count == 1 or not state.reference_frames else \
-            BankMode.WRITE if p.iteration == 0 else BankMode.READ
+        state.bank_mode = BankMode(plan.bank_role(p.iteration, state.reference_frames or ()))
     elif settings.csa:
         if generation.csa is None:
             generation.csa = ConsistencyState(CsaSettings(settings.csa_rate, settings.csa_schedule,
@@ -233,7 +265,7 @@ def install(p, generation: StoryGeneration) -> None:
                                               bank=ReferenceBank(offload_to_cpu=settings.bank_on_cpu),
                                               depth=depth_of(p))
         if plan.reference_frames:
-            generation.csa.bank_mode = BankMode.WRITE if p.iteration == 0 else BankMode.READ
+            generation.csa.bank_mode = BankMode(plan.bank_role(p.iteration))
     if not is_forge(p):
         a1111.install_hooks(p, generation)
     unet = unet_module(p.sd_model)
@@ -293,7 +325,7 @@ def on_cfg_denoiser(params) -> None:
         else:
             mark, _ = split_controlnet_mark(cond)
             params.text_cond = with_controlnet_mark(mark, contexts.to(cond.device, cond.dtype))
-    generation.cursor.start_step(a1111_step_plan([1] * batch, p.iteration * generation.plan.batch_size))
+    generation.cursor.start_step(a1111_step_plan([1] * batch, generation.plan.batch_frames(p.iteration)))
     if _uncond_skipped(params):
         generation.cursor.drop_uncond()
     step = StepKey(1 if getattr(p, "is_hr_pass", False) else 0, params.sampling_step, float(params.sigma[0]))
@@ -331,6 +363,8 @@ def postprocess(p, processed) -> None:
 
 def _postprocess(p, generation: StoryGeneration, processed) -> None:
     uninstall(p, generation)
+    deferred, generation.deferred = generation.deferred, None
+    batches.restore_story_order(p, generation.plan, processed, deferred)
     if generation.csa is not None:
         generation.csa.close()
     masks = mask_images(generation.storysync, generation.plan, processed) if generation.settings.show_masks else []

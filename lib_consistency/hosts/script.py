@@ -45,5 +45,17 @@ class ConsistentStoryScript(scripts.Script):
         with kept(p, "preparing the story's prompts (process)"):
             pipeline.process(p)
 
+    def before_process_batch(self, p, *args, **kwargs):
+        with kept(p, "giving the batch its frames' prompts and seeds (before_process_batch)"):
+            pipeline.before_process_batch(p)
+
+    def process_batch(self, p, *args, **kwargs):
+        with kept(p, "giving the batch its frames' hires prompts (process_batch)"):
+            pipeline.process_batch(p)
+
+    def postprocess_batch_list(self, p, pp, *args, **kwargs):
+        with kept(p, "giving the batch's images their frames' prompts (postprocess_batch_list)"):
+            pipeline.postprocess_batch_list(p)
+
     def postprocess(self, p, processed, *args):
         pipeline.postprocess(p, processed)

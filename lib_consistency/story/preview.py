@@ -2,7 +2,8 @@
 
 One row per frame, computed by the same functions a generation uses (``plan_story_run``, ``plan_consolidation``,
 ``frames_share`` and the bank rules of ``story_diffusion.state`` / ``story_sync``): its prompt exactly as the image's
-infotext will carry it (before the WebUI's own prompt styles), its seed, its batch, whether it writes the reference
+infotext will carry it (before the WebUI's own prompt styles), its seed, its batch (frames naming different extra
+networks are in different batches, numbered in drawing order; ``batches.py``), whether it writes the reference
 bank, which frames it takes attention from, and with 1Prompt1Story consolidation its token count and window.
 Errors are the generation's own (``StoryError`` with the line, ``SettingsError`` with the field, the token budget).
 
@@ -45,19 +46,15 @@ class FramePreview:
 def sources(settings: Settings, plan: StoryRunPlan, frame: int) -> tuple[int, ...]:
     """0-based frames whose tokens ``frame`` receives under the settings' sharing method (every step that shares).
 
-    CSA: its batch mates with a character in common; in a batch that reads the bank (not the first batch, when
-    there are reference frames) the reference frames instead. StorySync: the same, restricted to its reference
-    frames when it has any (Eq. 13), the frame itself never."""
+    CSA: its batch mates with a character in common; in a batch that reads the bank (one without reference frames,
+    when there are some) the reference frames instead. StorySync: the same, restricted to its reference frames when
+    it has any (Eq. 13), the frame itself never."""
     if not settings.csa:
         return ()
     groups = plan.frame_groups()
-    batch = frame // plan.batch_size
-    if settings.masked_sharing:
-        references = storysync_references(settings, plan)
-        reads_bank = plan.batch_count > 1 and bool(references) and batch > 0
-    else:
-        references = plan.reference_frames or None
-        reads_bank = bool(plan.reference_frames) and batch > 0
+    batch = plan.batch_of(frame)
+    references = storysync_references(settings, plan) if settings.masked_sharing else plan.reference_frames or None
+    reads_bank = plan.bank_role(batch, references or ()) == "read"
     if reads_bank:
         candidates = references
     else:
@@ -102,7 +99,7 @@ def frame_rows(settings: Settings, plan: StoryRunPlan, tokenize: Tokenizer | Non
                 CHUNK_CONTENT_TOKENS * max(1, math.ceil(count / CHUNK_CONTENT_TOKENS))
         rows.append(FramePreview(
             number=i + 1, line=frame.line, characters=frame.characters, caption=frame.caption,
-            prompt=plan.frame_prompts[i], seed=plan.seeds[i], batch=i // plan.batch_size + 1,
+            prompt=plan.frame_prompts[i], seed=plan.seeds[i], batch=plan.batch_of(i) + 1,
             reference=settings.csa and i in references,
             shares_with=tuple(f + 1 for f in sources(settings, plan, i)),
             tokens=token_plan.frame_tokens[i] if token_plan else None,
@@ -197,11 +194,17 @@ def _summary(plan: StoryRunPlan) -> str:
     if not story.shorthand:
         line += f", {len(story.characters)} character{'s' * (len(story.characters) != 1)}"
     if plan.batch_count > 1:
-        line += f", {plan.batch_count} batches of {plan.batch_size}"
+        line += f", {plan.batch_count} batches of {plan.batch_size}" if plan.host_slices else \
+            f", {plan.batch_count} batches of up to {plan.batch_size}, one set of extra networks each"
+        if not plan.in_story_order:
+            line += " (drawn in batch order; images and files in story order)"
         references = [f + 1 for f in plan.reference_frames]
-        if references:
-            line += f" (frames {references[0]}-{references[-1]} write the reference bank)" if len(references) > 1 \
-                else f" (frame {references[0]} writes the reference bank)"
+        if len(references) == 1:
+            line += f" (frame {references[0]} writes the reference bank)"
+        elif references:
+            runs = f"{references[0]}-{references[-1]}" if references[-1] - references[0] == len(references) - 1 \
+                else _numbers(references)
+            line += f" (frames {runs} write the reference bank)"
     return line
 
 

@@ -1,9 +1,12 @@
 """One generation of a story, host-free: which images, prompts, seeds and batches, and each frame's conditioning.
 
-The story decides the images: one per frame, in batches of at most ``frames_per_batch`` (0 = one batch). Frame
-``i`` is image ``i`` of the generation, i.e. ``iteration * batch_size + position in batch`` in both hosts.
-With consistent self-attention and more than one batch, the reference frames (the first batch, or the first
-``reference_frames`` frames) write the bank and later batches read it (StoryDiffusion's identity frames, §3.4).
+The story decides the images: one per frame, in batches of at most ``frames_per_batch`` (0 = one batch), each
+batch of frames naming the same extra networks (``batches.py``). When every frame names the same networks, frame
+``i`` is image ``i`` of the generation, i.e. ``iteration * batch_size + position in batch`` in both hosts; otherwise
+the batches are drawn in ``StoryRunPlan.batches`` order and the host adapters put the images back in story order.
+With consistent self-attention and more than one batch, the reference frames (the first batch of every network set,
+or the first ``reference_frames`` frames) write the bank, in batches drawn first, and the other batches read it
+(StoryDiffusion's identity frames, §3.4).
 
 1Prompt1Story conditioning (methods.md §2.8 Steps A-C) is built from the host's own encoder: the identity prompt is
 the style text (the WebUI prompt box, extra-network tags removed by the host) followed by the story's identity
@@ -15,7 +18,6 @@ as something else.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Sequence
@@ -25,7 +27,10 @@ import torch
 from ..one_prompt_one_story.svr import SvrRangeError, npr_frame_context, svr_frame_context
 from ..one_prompt_one_story.token_plan import CLIP_CONTEXT, TextContext, Tokenizer, TokenPlan, plan_tokens
 from ..settings import Settings, SettingsError
+from .batches import Batches, bank_role, default_references, drawing_order, host_slices, plan_batches
 from .format import Story, parse_story
+
+PER_IMAGE_NETWORKS = ("oneactor",)  # OneActor acts on each image's own cond rows, not on the model's weights
 
 
 @dataclass(frozen=True)
@@ -35,17 +40,45 @@ class StoryRunPlan:
     style: str
     frame_prompts: tuple[str, ...]   # each frame's own prompt: style, characters' descriptions, frame text
     seeds: tuple[int, ...]
-    batch_size: int
-    batch_count: int
+    batches: Batches  # story frames of each batch, in drawing order (story/batches.py)
     reference_frames: tuple[int, ...]  # frames that write the bank (empty: no bank, in-batch sharing only)
 
     @property
     def frame_count(self) -> int:
         return len(self.frame_prompts)
 
-    def batch_frames(self, iteration: int) -> range:
-        start = iteration * self.batch_size
-        return range(start, min(start + self.batch_size, self.frame_count))
+    @property
+    def batch_size(self) -> int:
+        """The host's ``p.batch_size``: the largest batch."""
+        return max(len(batch) for batch in self.batches)
+
+    @property
+    def batch_count(self) -> int:
+        return len(self.batches)
+
+    @property
+    def drawing_order(self) -> tuple[int, ...]:
+        return drawing_order(self.batches)
+
+    @property
+    def in_story_order(self) -> bool:
+        """The host draws the frames in story order (images, infotexts and files need no reordering)."""
+        return self.drawing_order == tuple(range(self.frame_count))
+
+    @property
+    def host_slices(self) -> bool:
+        """The host's own slices of ``p.all_*`` are these batches (nothing to replace per batch)."""
+        return host_slices(self.batches)
+
+    def batch_frames(self, iteration: int) -> tuple[int, ...]:
+        return self.batches[iteration]
+
+    def batch_of(self, frame: int) -> int:
+        return next(i for i, batch in enumerate(self.batches) if frame in batch)
+
+    def bank_role(self, iteration: int, references: Collection[int] | None = None) -> str:
+        """"write", "read" or "off" for batch ``iteration`` with ``references`` (default: the plan's)."""
+        return bank_role(self.batches, self.reference_frames if references is None else references, iteration)
 
     def frame_groups(self) -> dict[int, frozenset[str]]:
         return dict(enumerate(self.story.frame_groups()))
@@ -64,14 +97,17 @@ def plan_story_run(settings: Settings, style: str, seed: int) -> StoryRunPlan:
     recovered = style_of_expanded_prompt(story, style)
     style = style if recovered is None else recovered
     count = len(story.frames)
-    batch_size = min(settings.frames_per_batch or count, count)
-    batch_count = math.ceil(count / batch_size)
     seeds = (seed,) * count if settings.seed_mode == "same" else tuple(seed + i for i in range(count))
-    references: tuple[int, ...] = ()
-    if settings.csa and batch_count > 1:
-        references = tuple(range(settings.reference_frames or batch_size))
     prompts = tuple(story.frame_prompt(i, style) for i in range(count))
-    return StoryRunPlan(story, style, prompts, seeds, batch_size, batch_count, references)
+    networks = [extra_networks_of(prompt, PER_IMAGE_NETWORKS) for prompt in prompts]
+    references: tuple[int, ...] = ()
+    if settings.csa:
+        references = tuple(range(min(settings.reference_frames, count))) if settings.reference_frames else \
+            default_references(networks, settings.frames_per_batch)
+    batches = plan_batches(networks, settings.frames_per_batch, references)
+    if bank_role(batches, references, 0) == "off":
+        references = ()  # one batch, or every batch holds a reference frame: nothing reads a bank
+    return StoryRunPlan(story, style, prompts, seeds, batches, references)
 
 
 def storysync_references(settings: Settings, plan: StoryRunPlan) -> tuple[int, ...] | None:
@@ -141,9 +177,8 @@ def check_batch_networks(story: Story, prompts: Sequence[str], batches: Sequence
                 raise ValueError(
                     f"{frame_label(story, first)} and {frame_label(story, frame)} are drawn in one batch but name "
                     f"different extra networks ({' '.join(wanted) or 'none'}; {' '.join(named) or 'none'}). The WebUI "
-                    f"applies one set of networks to a whole batch, so the second would get the first's. Put the tag "
-                    f"in the style prompt (every frame), give every frame of a batch the same tags, or lower "
-                    f"'Frames per batch' so these frames fall in different batches")
+                    f"applies one set of networks to a whole batch, so the second would get the first's. Something "
+                    f"changed the frames' prompts after the story planned its batches; turn it off for story runs")
 
 
 def plan_consolidation(settings: Settings, story: Story, style: str, tokenize: Tokenizer,

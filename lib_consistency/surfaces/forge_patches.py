@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from ..common.async_index import index_tensor
-from ..common.row_layout import RowLayout, forge_row_layout
+from ..common.row_layout import Frames, RowLayout, forge_row_layout
 from ..one_prompt_one_story.ipca import append_identity_tokens, cond_rows, identity_keys
 from .reach import CSA, HARMONIZATION, IPCA, SHARING, SUBJECT_MAPS, Reach
 
@@ -41,11 +41,12 @@ TRANSFORMER_OPTION = "consistent_story"
 
 @dataclass(frozen=True)
 class ForgeRunState:
-    """What the patches of one sampling call need: the CSA, IPCA and StorySync states, this batch's first frame, and
-    the ``Reach`` each patch tells that it ran (the pipeline's guard checks it after every UNet call)."""
+    """What the patches of one sampling call need: the CSA, IPCA and StorySync states, this batch's first frame (or
+    its frames, ``row_layout.Frames``), and the ``Reach`` each patch tells that it ran (the pipeline's guard checks
+    it after every UNet call)."""
     csa: Any
     ipca: Any
-    frame_offset: int
+    frame_offset: Frames
     storysync: Any = None
     reach: Reach | None = None
 
@@ -57,7 +58,7 @@ class ForgeRunState:
         return self  # a handle: every clone() deep-copies model_options, and all clones must share the live state
 
 
-def _layout(extra_options: dict, rows: int, frame_offset: int) -> RowLayout:
+def _layout(extra_options: dict, rows: int, frame_offset: Frames) -> RowLayout:
     return forge_row_layout(extra_options.get("cond_or_uncond", ()), len(extra_options.get("sigmas", ())), rows,
                             frame_offset)
 

@@ -172,3 +172,13 @@ def test_token_count_of_no_level_gives_none():
     assert token_grid(4095, latent) is None  # e.g. token merging removed tokens
     assert token_grid(4096 * 4, latent) is None  # larger than the latent
     assert token_grid(40 * 40, latent) is None
+
+
+def test_a_batch_of_frames_not_in_a_row_gives_each_image_its_frame():
+    """Batches by network set (story/batches.py) hold frames such as (1, 3): both hosts' layouts name them."""
+    plan = a1111_step_plan([1, 1], frame_offset=(1, 3))
+    assert plan.frames == (1, 3, 1, 3) and plan.roles == (C, C, U, U)
+    assert forge_row_layout([1, 0], 2, 4, (1, 3)).frames == (1, 3, 1, 3)
+    assert forge_row_layout([1, 0], 2, 4, (1, 3, 5)) is UNKNOWN_LAYOUT  # rows that are not this batch's images
+    with pytest.raises(ValueError, match="cannot hold the 3 frames"):
+        a1111_step_plan([1, 1], frame_offset=(1, 3, 5))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lib_consistency.settings import Settings
+from lib_consistency.story.run import extra_networks_of
 from tests.conftest import tiny_clip_text_model
 from tests.fake_webui import ToyModel, ToyProcessing, install_stub_modules
 
@@ -58,15 +59,20 @@ def test_same_networks_in_every_frame_encode_once(host):
 
 
 @pytest.mark.parametrize("values", [dict(), dict(preset="StoryDiffusion", csa_layers="all", frames_per_batch=2)])
-def test_a_batch_mixing_networks_is_refused_before_any_image(host, values):
+def test_frames_naming_different_networks_are_drawn_in_batches_of_one_set(host, values):
+    """Issue 24: no refusal; every batch holds frames of one set of networks, the consolidated prompt is encoded
+    once per set under it, and the images come back in story order."""
     pipeline, model, _ = host
     p = ToyProcessing(model)
-    pipeline.before_process(p, args_for(**values))
-    with pytest.raises(RuntimeError, match=r"Consistent Story: frame 1 \(story line 4\) and frame 2 \(story line 5\)"
-                                           r" are drawn in one batch.*Frames per batch"):
-        p.run_batches(pipeline.on_cfg_denoiser)
-    assert not p.seen_conds and module_state(model.model.diffusion_model) == ([], 0)
-    assert not model.encoded_texts
+    pipeline.before_process(p, args_for(storyboard=False, **values))
+    processed = p.process_images(pipeline)
+    assert [active for _, _, active in p.drawn] == [("<lora:fox:0.8>", "<lora:snow:1>"), ("<lora:fox:0.8>",), ()]
+    assert [len(prompts) for prompts, _, _ in p.drawn] == [1, 1, 2] and p.batch_size == 2
+    for prompts, _, active in p.drawn:
+        assert all(extra_networks_of(text, ("oneactor",)) == active for text in prompts)
+    if not values:  # 1Prompt1Story: its consolidated prompt encoded once under each set
+        assert model.encoded_under == [active for _, _, active in p.drawn]
+    assert processed.infotexts == [f"{text}\nSeed: 1234" for text in p.all_prompts]
 
 
 def test_oneactor_characters_may_differ_within_a_batch(host):

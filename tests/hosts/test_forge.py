@@ -41,7 +41,8 @@ class FakeUnetPatcher(ForgeClassicPatcher):
 
 def generation(csa=True, ipca=True, batch_size=3):
     settings = types.SimpleNamespace(csa_rate=0.5)
-    plan = types.SimpleNamespace(batch_size=batch_size)
+    plan = types.SimpleNamespace(batch_size=batch_size, batch_frames=lambda iteration: tuple(
+        range(iteration * batch_size, (iteration + 1) * batch_size)))
     return types.SimpleNamespace(
         settings=settings, plan=plan,
         csa=ConsistencyState(CsaSettings(0.5, "always", "all"), 1, {0: {"a"}, 1: {"a"}, 2: set()}) if csa else None,
@@ -68,7 +69,7 @@ def test_patches_are_registered_on_a_clone_and_repeat_idempotently():
         registrations.append({target: len(patches) for target, patches in replace.items()})
         assert patched.model_options["memory_peak_estimation_modifier"]([2, 4, 8, 8]) == 1000 * (1 + 0.5 * 2)
         run = patched.model_options["transformer_options"][TRANSFORMER_OPTION]
-        assert run.csa is gen.csa and run.ipca is gen.ipca and run.frame_offset == 0
+        assert run.csa is gen.csa and run.ipca is gen.ipca and run.frame_offset == (0, 1, 2)
         # another extension cloning after us (a deep copy of model_options) still shares the live state
         assert patched.clone().model_options["transformer_options"][TRANSFORMER_OPTION] is run
     assert registrations == [{"attn1": 768, "attn2": 768}] * 3

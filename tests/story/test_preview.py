@@ -47,13 +47,17 @@ def test_preview_rows_are_the_images_the_host_makes(monkeypatch, clip_tokenizer,
     pipeline = importlib.import_module("lib_consistency.hosts.pipeline")
     p = ToyProcessing(ToyModel(clip_tokenizer, tiny_clip_text_model(16, seed=5)), prompt="ink <lora:style:1>")
     p.seed = 77
-    pipeline.before_process(p, Settings.from_dict({"enabled": True, **values}).to_args())
-    p.setup_prompts()
+    pipeline.before_process(p, Settings.from_dict({"enabled": True, **values, "storyboard": False}).to_args())
+    processed = p.process_images(pipeline)
     rows = preview_story(settings(**values), "ink <lora:style:1>", 77)
     assert [row.prompt for row in rows] == p.all_prompts  # what each image's infotext carries
     assert [row.seed for row in rows] == p.all_seeds
-    assert [row.batch for row in rows] == [i // p.batch_size + 1 for i in range(len(rows))]
-    assert max(row.batch for row in rows) == p.n_iter
+    assert [f"{row.prompt}\nSeed: {row.seed}" for row in rows] == processed.infotexts  # in story order
+    assert max(row.batch for row in rows) == p.n_iter == len(p.drawn)
+    for batch, (prompts, seeds, _) in enumerate(p.drawn):  # what the host drew in each batch
+        frames = [r for r in rows if r.batch == batch + 1]
+        assert [r.prompt for r in frames] == prompts
+        assert [r.seed for r in frames] == seeds
 
 
 def frames_of(layout, rows):
@@ -71,8 +75,8 @@ def test_csa_sources_are_the_runtime_peers_and_bank_reads(values):
         bank.write(BankKey("L", step, Role.COND, ref), torch.full((1, 1), float(ref)))
     for batch in range(plan.batch_count):
         frames = plan.batch_frames(batch)
-        layout = a1111_step_plan([1] * len(frames), frames.start)
-        if plan.reference_frames and batch > 0:  # this batch reads the bank
+        layout = a1111_step_plan([1] * len(frames), frames)
+        if plan.bank_role(batch) == "read":  # this batch reads the bank
             extras = read_extras(bank, layout, plan.reference_frames, groups, "L", step, torch.device("cpu"),
                                  torch.float32)
             for row, frame in enumerate(frames):
@@ -96,8 +100,8 @@ def test_storysync_sources_are_its_masked_peers_and_reference_reads(values):
     masks = {f: {c: torch.ones(4, dtype=torch.bool) for c in groups[f]} for f in groups}
     for batch in range(plan.batch_count):
         frames = plan.batch_frames(batch)
-        layout = a1111_step_plan([1] * len(frames), frames.start)
-        if plan.batch_count > 1 and references and batch > 0:
+        layout = a1111_step_plan([1] * len(frames), frames)
+        if plan.bank_role(batch, references or ()) == "read":
             tokens = {(Role.COND, ref): torch.full((4, 1), float(ref)) for ref in references}
             extras = reference_extras(layout, tokens, groups, masks)
             for row, frame in enumerate(frames):

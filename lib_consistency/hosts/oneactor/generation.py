@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -150,6 +150,18 @@ def _batch(p, prompts: list[str], settings: Settings, cache: dict) -> OneActorBa
     return batch if batch.any else None
 
 
+def _batch_frames(p) -> Sequence[int]:
+    """Indices in ``p.all_prompts`` of the batch being drawn: a story's planned batch (not always the host's slice
+    when its frames name different extra networks, ``hosts/batches.py``), else the host's slice."""
+    from ..pipeline import RUN_ATTRIBUTE
+    story = getattr(p, RUN_ATTRIBUTE, None)
+    plan = getattr(story, "plan", None)
+    if plan is not None and p.iteration < plan.batch_count:
+        return plan.batch_frames(p.iteration)
+    size = p.batch_size
+    return range(p.iteration * size, min((p.iteration + 1) * size, len(p.all_prompts)))
+
+
 def activate(p) -> None:
     """``ExtraNetwork.activate``: plan this batch's characters for the first pass and hires (once per batch)."""
     if not getattr(p, "all_prompts", None) or getattr(p, "iteration", None) is None:
@@ -158,9 +170,10 @@ def activate(p) -> None:
     if run.iteration == p.iteration or run.error is not None:
         return  # the hires call of the same batch, or an error already kept
     run.iteration, run.first, run.hires = p.iteration, None, None
-    size = p.batch_size
-    first = list(p.all_prompts[p.iteration * size:(p.iteration + 1) * size])
-    hires = list(getattr(p, "all_hr_prompts", None) or [])[p.iteration * size:(p.iteration + 1) * size]
+    frames = _batch_frames(p)
+    first = [p.all_prompts[f] for f in frames]
+    all_hires = list(getattr(p, "all_hr_prompts", None) or [])
+    hires = [all_hires[f] for f in frames if f < len(all_hires)]
     if not any(f"<{NETWORK}:" in text for text in first + hires):
         return
     if not getattr(p, CHECKED_ATTRIBUTE, False):  # errors our swallowed callbacks keep fail the job (guard.py)
