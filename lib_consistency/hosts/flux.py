@@ -37,14 +37,14 @@ def patch_flux(p, generation) -> None:
     unet = p.sd_model.forge_objects.unet.clone()
     model = unet.model.diffusion_model
     run = DitRunState(generation.csa, generation.storysync, generation.reach, generation.ipca)
-    offset = p.iteration * generation.plan.batch_size
+    frames = generation.plan.batch_frames(p.iteration)  # this batch's frames (by network set: not always in a row)
     foreign = unet.model_options.get(WRAPPER)
 
     def wrapper(apply_model, args):
         x, c = args["input"], args["c"]
         options = c.get("transformer_options", {})
         layout = forge_row_layout(args.get("cond_or_uncond", ()), len(options.get("sigmas", ())), x.shape[0],
-                                  offset)
+                                  frames)
         run.set_rows(layout, (-(-x.shape[-2] // 2), -(-x.shape[-1] // 2)))
         surface = FluxSurface(model, run)
         surface.install()

@@ -41,7 +41,7 @@ def setup():
                            depth=flux_depth(transformer))
     csa.begin_step(0, 2, 10, 1.0)
     generation = types.SimpleNamespace(csa=csa, storysync=None, ipca=None, reach=Reach(),
-                                       plan=types.SimpleNamespace(batch_size=2))
+                                       plan=types.SimpleNamespace(batch_frames=lambda iteration: (2, 3)))
     generator = torch.Generator().manual_seed(1)
     img, txt = torch.randn(2, 16, DIM, generator=generator), torch.randn(2, TEXT, DIM, generator=generator)
     vec = torch.randn(2, DIM, generator=generator)
@@ -69,7 +69,7 @@ def test_the_wrapper_goes_on_a_clone_and_brings_the_surface_into_that_call_only(
     plain = apply_model(None, None)
     shared = call(patched.model_options[flux.WRAPPER], apply_model)
     assert not torch.allclose(shared, plain, atol=1e-6)
-    layout = generation.csa.layout  # read from cond_or_uncond / sigmas; frames offset by the batch (iteration 1)
+    layout = generation.csa.layout  # read from cond_or_uncond / sigmas; the frames of batch 1
     assert layout.frames == (2, 3) and layout.roles == (Role.COND, Role.COND)
     assert generation.csa.latent_hw == (4, 4)
     assert {surface for surface, _ in generation.reach._seen} == {CSA}
