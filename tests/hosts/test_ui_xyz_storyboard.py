@@ -195,7 +195,6 @@ class Chunk:
 
 
 def test_host_tokenizers_read_tokenize_line_of_every_clip_encoder():
-    from lib_consistency.hosts.tokenizers import model_tokenizers
 
     def engine(scale):
         def tokenize_line(text):
