@@ -20,8 +20,8 @@ step per denoiser call, from the host, never by counting):
    window, cond rows: Regional Feature Harmonization (paper Eqs. 9-11, ``harmonization``).
 
 On a diffusion transformer (``depth``: Flux's double- and single-stream blocks, one joint text+image attention
-each; ``surfaces/dit_attention``) the same three parts sit by depth -- our choice, the paper's Flux code is not
-public: maps from the joint attention of every double-stream block (image queries over the subject's text tokens),
+each; ``surfaces/dit_attention``) the same three parts sit by depth -- our choice, where the paper gives no
+block-level detail for Flux: maps from the joint attention of every double-stream block (image queries over the subject's text tokens),
 binarised at the first single-stream block; sharing where the layer policy says (``layer_is_selected``: "up" = the
 second half of the depth); RFH on the image tokens' attention output of the blocks in ``DIT_RFH_RANGE`` of the depth;
 BLI on the double-stream blocks.
