@@ -9,11 +9,11 @@ import torch
 
 from modules import devices, extra_networks, prompt_parser
 
-from ..one_prompt_one_story.token_plan import CLIP_CONTEXT, T5_DEV_CONTEXT, T5_SCHNELL_CONTEXT, verify_token_plan
+from ..one_prompt_one_story.token_plan import CLIP_CONTEXT, verify_token_plan
 from ..story.run import FrameConditioning, plan_consolidation
 from .coexist import batch_networks
-from .flux import flux_model
-from .tokenizers import required_tokenizers, t5_tokenizer
+from .flux import flux_model, flux_text_context
+from .tokenizers import required_t5_tokenizer, required_tokenizers
 from .ui import SPANS_INFOTEXT_KEY
 
 SDXL_POOLED_WIDTH = 1280  # 'vector' = bigG pooled (1280) + six 256-d size embeddings
@@ -37,8 +37,8 @@ def batch_conditioning(p, generation) -> FrameConditioning:
         if generation.conditioning is None:
             style_text, _ = extra_networks.parse_prompt(plan.style)  # <lora:...> tags are not prompt text
             if flux is not None:  # the transformer reads T5's tokens; CLIP-L gives each frame's pooled vector
-                tokenizers = [("T5", _t5(p))]
-                context = T5_DEV_CONTEXT if getattr(flux, "guidance_embed", True) else T5_SCHNELL_CONTEXT
+                tokenizers = [("T5", required_t5_tokenizer(p.sd_model, "1Prompt1Story cannot count its tokens"))]
+                context = flux_text_context(flux)
             else:
                 tokenizers = required_tokenizers(p.sd_model, "1Prompt1Story cannot count its tokens")
                 context = CLIP_CONTEXT
@@ -68,14 +68,6 @@ def _encoder(p, pooled: dict[str, torch.Tensor]):
             encoded = encoded["crossattn"]
         return list(encoded)
     return encode
-
-
-def _t5(p):
-    tokenize = t5_tokenizer(p.sd_model)
-    if tokenize is None:
-        raise RuntimeError("the Flux checkpoint has no T5 tokenizer with tokenize_line; 1Prompt1Story cannot count "
-                           "its tokens")
-    return tokenize
 
 
 def _t5_encoder(p):

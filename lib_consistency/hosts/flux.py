@@ -14,8 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..common.row_layout import forge_row_layout
+from ..one_prompt_one_story.token_plan import T5_DEV_CONTEXT, T5_SCHNELL_CONTEXT, TextContext
 from ..surfaces.dit_attention import DitRunState
 from ..surfaces.flux_blocks import FluxSurface, flux_depth, is_flux_model
+from .guard import unet_module
 
 WRAPPER = "model_function_wrapper"
 
@@ -26,9 +28,15 @@ ONEACTOR_ON_FLUX = ("OneActor: characters need a UNet: a character's projector r
 
 def flux_model(p) -> Any | None:
     """The loaded Flux transformer (``forge_objects.unet.model.diffusion_model``), or None for anything else."""
-    forge = getattr(getattr(p, "sd_model", None), "forge_objects", None)
-    model = getattr(getattr(getattr(forge, "unet", None), "model", None), "diffusion_model", None)
+    if getattr(getattr(p, "sd_model", None), "forge_objects", None) is None:
+        return None  # A1111 runs no Flux
+    model = unet_module(p.sd_model)
     return model if model is not None and is_flux_model(model) else None
+
+
+def flux_text_context(model) -> TextContext:
+    """T5's budget for ``model``: dev has a guidance embedding (512 tokens in training), schnell has none (256)."""
+    return T5_DEV_CONTEXT if getattr(model, "guidance_embed", True) else T5_SCHNELL_CONTEXT
 
 
 def patch_flux(p, generation) -> None:

@@ -15,7 +15,7 @@ from ..story_sync.state import StorySyncSettings, StorySyncState
 from ..story_sync.subject_tokens import (consolidated_identity_pieces, frame_prompt_pieces, story_subjects,
                                          subject_positions)
 from .storyboard import mask_overlay
-from .tokenizers import required_tokenizers, t5_tokenizer
+from .tokenizers import required_t5_tokenizer, required_tokenizers
 
 
 def storysync_state(p, settings: Settings, plan: StoryRunPlan, depth: DitDepth | None = None) -> StorySyncState:
@@ -25,10 +25,7 @@ def storysync_state(p, settings: Settings, plan: StoryRunPlan, depth: DitDepth |
     story = plan.story
     place = {}
     if depth is not None:
-        tokenize = t5_tokenizer(p.sd_model)
-        if tokenize is None:
-            raise RuntimeError("the Flux checkpoint has no T5 tokenizer with tokenize_line; StorySync cannot find "
-                               "the subject tokens")
+        tokenize = required_t5_tokenizer(p.sd_model, "StorySync cannot find the subject tokens")
         place = {"first": 0, "limit": None}
     else:
         tokenize = required_tokenizers(p.sd_model, "StorySync cannot find the subject tokens")[0][1]

@@ -93,3 +93,11 @@ def t5_tokenizer(model: Any) -> Tokenizer | None:
             items += [(int(chunk.tokens[j]), float(chunk.multipliers[j]), None) for j in range(end)]
         return items
     return tokenize
+
+
+def required_t5_tokenizer(model: Any, purpose: str) -> Tokenizer:
+    """``t5_tokenizer`` of a Flux model that must have one; RuntimeError saying what needs it otherwise."""
+    tokenize = t5_tokenizer(model)
+    if tokenize is None:
+        raise RuntimeError(f"the Flux checkpoint has no T5 tokenizer with tokenize_line; {purpose}")
+    return tokenize

@@ -16,8 +16,8 @@ from typing import Any
 from ..settings import INFOTEXT_PREFIX, ONEACTOR_PRESETS, PRESETS, Settings, infotext_key, option, option_keys
 from ..story.examples import EXAMPLES
 from ..story.preview import preview_panel
-from ..one_prompt_one_story.token_plan import CLIP_CONTEXT, T5_DEV_CONTEXT, T5_SCHNELL_CONTEXT, TextContext
-from .flux import flux_model
+from ..one_prompt_one_story.token_plan import CLIP_CONTEXT, TextContext
+from .flux import flux_model, flux_text_context
 from .tokenizers import model_tokenizers, t5_tokenizer
 
 GROUPS = ("general", "1Prompt1Story", "StoryDiffusion", "StorySync", "OneActor")  # the method groups of Option.group
@@ -196,7 +196,7 @@ def host_tokenizers() -> tuple[list, TextContext]:
     flux = flux_model(shared)
     tokenize = t5_tokenizer(model) if flux is not None else None
     if tokenize is not None:
-        return [("T5", tokenize)], T5_DEV_CONTEXT if getattr(flux, "guidance_embed", True) else T5_SCHNELL_CONTEXT
+        return [("T5", tokenize)], flux_text_context(flux)
     return model_tokenizers(model), CLIP_CONTEXT
 
 
