@@ -194,10 +194,13 @@ def plan_in_batch_sharing(layout: RowLayout, frame_groups: FrameGroups) -> Shari
 
 @dataclass(frozen=True)
 class ContextGroup:
-    """Rows that attend with contexts of one length: ``context`` is (len(rows), N + extra, C)."""
+    """Rows that attend with contexts of one length: ``context`` is (len(rows), N + extra, C); ``visible``
+    (len(rows), N + extra) bool on the context's device marks each row's real keys when the rows' contexts were
+    padded to one length (StorySync's masked sharing), None when every key is real."""
 
     rows: tuple[int, ...]
     context: torch.Tensor
+    visible: torch.Tensor | None = None
 
 
 def in_batch_contexts(hidden: torch.Tensor, plan: SharingPlan, token_indices: torch.Tensor) -> list[ContextGroup]:
@@ -240,37 +243,46 @@ def contexts_with_row_extras(hidden: torch.Tensor, extras: Sequence[torch.Tensor
     return groups
 
 
-Attention = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # (queries' hidden, context) -> out
+# (queries' hidden, context[, visible]) -> out; ``visible`` (rows, L) bool is passed only for padded contexts
+Attention = Callable[..., torch.Tensor]
 
 
 def whole_batch_context(groups: Sequence[ContextGroup], num_rows: int) -> torch.Tensor | None:
-    """The single context when one group covers every row in order (what a Forge ``attn1_patch`` can return as
-    its longer context), else None."""
-    if len(groups) == 1 and groups[0].rows == tuple(range(num_rows)):
+    """The single unpadded context when one group covers every row in order (what a Forge ``attn1_patch`` can
+    return as its longer context), else None."""
+    if len(groups) == 1 and groups[0].rows == tuple(range(num_rows)) and groups[0].visible is None:
         return groups[0].context
     return None
 
 
+def _call(attention: Attention, hidden: torch.Tensor, group: ContextGroup | None) -> torch.Tensor:
+    if group is None:
+        return attention(hidden, None)
+    if group.visible is None:
+        return attention(hidden, group.context)
+    return attention(hidden, group.context, group.visible)
+
+
 def attend_in_groups(attention: Attention, hidden: torch.Tensor, groups: Sequence[ContextGroup]) -> torch.Tensor:
-    """Run ``attention(hidden[rows], context)`` once per group and once (context None) for the remaining rows.
+    """Run ``attention(hidden[rows], context)`` once per group (``attention(hidden[rows], context, visible)`` for a
+    padded group) and once (context None) for the remaining rows.
 
     hidden: (R, N, C) -> (R, N, C_out). One group covering every row in order is a single direct call.
     """
     num_rows = hidden.shape[0]
-    context = whole_batch_context(groups, num_rows)
-    if context is not None:
-        return attention(hidden, context)
+    if len(groups) == 1 and groups[0].rows == tuple(range(num_rows)):
+        return _call(attention, hidden, groups[0])
     covered = {row for group in groups for row in group.rows}
     plain_rows = tuple(row for row in range(num_rows) if row not in covered)
-    calls = [(group.rows, group.context) for group in groups]
+    calls = [(group.rows, group) for group in groups]
     if plain_rows:
         calls.append((plain_rows, None))
     # every call's row index in one asynchronous copy
     indices = index_tensor([row for rows, _ in calls for row in rows], hidden.device).split(
         [len(rows) for rows, _ in calls])
     output = None
-    for (rows, context), index in zip(calls, indices):
-        result = attention(hidden.index_select(0, index), context)
+    for (rows, group), index in zip(calls, indices):
+        result = _call(attention, hidden.index_select(0, index), group)
         if output is None:
             output = result.new_empty((num_rows,) + tuple(result.shape[1:]))
         output.index_copy_(0, index, result)

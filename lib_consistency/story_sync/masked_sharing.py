@@ -7,8 +7,9 @@ At a self-attention layer row i (one image, one CFG role) computes ``softmax(Q_i
 Γ_i = 1 on its own block (δ_ii = 1: the image's own self-attention is kept whole) and Γ_i = the peer's token mask on
 every peer block (Eq. 5). A binary Γ only removes keys, so this equals attention over the extended context
 ``[own tokens ; tokens of each peer where its mask is True]``: the form the project uses for consistent
-self-attention (``consistent_self_attention``, hosts.md §15.5 decision 2). The host's own attention module runs on
-that context once per distinct context length; no N×N mask and no log(0) are ever built.
+self-attention (``consistent_self_attention``, hosts.md §15.5 decision 2). The rows' contexts differ in length (each
+peer mask has its own size), so they are padded to one length and attended in ONE call with a key-padding mask
+(``PaddedSharing``): no per-row or per-length calls, no N×N mask and no log(0).
 
 Who shares with whom (``sharing_masks``):
 - frames share when their character sets intersect (``frames_share``; ``[NC]`` frames share nothing); the peer's
@@ -25,6 +26,7 @@ get the same draw. Subject masks come in already binarised and after mask dropou
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Collection, Mapping, Sequence
 
 import torch
@@ -39,66 +41,108 @@ CharacterMasks = Mapping[int, Mapping[str, torch.Tensor]]  # frame -> {character
 RowPeers = Sequence[Sequence[tuple[int, torch.Tensor]]]  # per row: (peer row, bool [N] token mask) in order
 
 
-def masked_peer_contexts(hidden: torch.Tensor, peers: RowPeers) -> list[ContextGroup]:
-    """Contexts [own tokens ; tokens of each peer row where its mask is True, peers in the given order].
+PAD_MULTIPLE = 8  # padded context lengths are a multiple of this (aligned keys for the fused GPU kernels)
 
-    hidden: (R, N, C) self-attention input; peers[r]: row r's (peer row, bool (N,) mask) pairs, distinct peer
-    rows ≠ r (masks on one device).
-    Rows with equal context lengths share one ContextGroup (one host attention call per distinct length, see
-    ``attend_in_groups``); rows that receive no peer token get no group and attend plainly.
-    Cost: context lengths depend on the masks, so the indices are built on the CPU: masks already there (as
-    ``story_sync`` keeps them) cost no device sync, others one transfer. The CPU work is a fixed handful of tensor
-    ops whatever the number of rows (one (R, 1 + k, N) visibility table, one ``nonzero``, one split); the GPU gets
-    one asynchronous index copy for all groups and one ``index_select`` per group, gathering own and peer tokens
-    straight into the context.
+
+@dataclass(frozen=True, eq=False)
+class PaddedSharing:
+    """Masked sharing of one layer call as one padded gather and one attention call (paper Eqs. 5-8).
+
+    Every row's context is [own tokens ; each peer's tokens where its mask is True], padded to one length L (a
+    multiple of ``PAD_MULTIPLE``); ``visible`` (R, L) bool is False on the padding, so a key-padding mask makes the
+    one call equal the per-row attention (a padded key gets weight exactly 0). ``index`` (R·L,) int64 on the device
+    reads the contexts out of the sources ``[rows (R·N, C) ; extra sources (E·N, C)]``. Built on the CPU from CPU
+    masks, once per UNet call, grid and layout (``StorySyncState``), then reused by every layer at that grid: a
+    layer costs one ``index_select`` and one attention call, whatever the number of frames.
     """
-    num_rows, num_tokens, channels = hidden.shape
+
+    rows: tuple[int, ...]
+    length: int
+    index: torch.Tensor
+    visible: torch.Tensor | None  # None: every row fills L (no padding)
+
+    def context(self, sources: torch.Tensor) -> torch.Tensor:
+        """sources (R·N + E·N, C) -> contexts (R, L, C)."""
+        return sources.index_select(0, self.index).view(len(self.rows), self.length, sources.shape[-1])
+
+    def group(self, hidden: torch.Tensor, extras: torch.Tensor | None = None) -> ContextGroup:
+        """The one ``ContextGroup`` of a layer call: hidden (R, N, C), extras (E·N, C) or None."""
+        sources = hidden.reshape(-1, hidden.shape[-1])
+        if extras is not None:
+            sources = torch.cat((sources, extras))
+        return ContextGroup(self.rows, self.context(sources), self.visible)
+
+
+def _check_peers(num_rows: int, num_sources: int, num_tokens: int, peers: RowPeers) -> None:
     if len(peers) != num_rows:
         raise ValueError(f"masked_peer_contexts: {len(peers)} peer lists for {num_rows} rows")
     for row, row_peers in enumerate(peers):
         seen = set()
         for peer, mask in row_peers:
-            if not 0 <= peer < num_rows or peer == row:
-                raise ValueError(f"masked_peer_contexts: row {row} lists peer row {peer} (rows 0..{num_rows - 1})")
+            if not 0 <= peer < num_sources or peer == row:
+                raise ValueError(f"masked_peer_contexts: row {row} lists peer row {peer} "
+                                 f"(sources 0..{num_sources - 1}, not itself)")
             if peer in seen:
                 raise ValueError("masked_peer_contexts: a row lists the same peer row twice")
             seen.add(peer)
             if mask.dtype != torch.bool or tuple(mask.shape) != (num_tokens,):
                 raise ValueError(f"masked_peer_contexts: row {row}'s mask of peer {peer} is {mask.dtype} "
                                  f"{tuple(mask.shape)}, expected bool ({num_tokens},)")
-    sharing = [row for row, row_peers in enumerate(peers) if row_peers]
-    if not sharing:
-        return []
-    masks = [mask for row in sharing for _, mask in peers[row]]
+
+
+def plan_masked_sharing(num_rows: int, num_tokens: int, peers: RowPeers, device: torch.device | str,
+                        num_sources: int | None = None) -> PaddedSharing | None:
+    """The padded gather of every row's masked context; None when no row receives a peer token.
+
+    peers[r]: row r's (source, bool (N,) mask) pairs in order, distinct sources ≠ r; a source < R is a row of the
+    call, R + e the e-th extra source (a cached reference, ``StorySyncState`` in bank-read mode); ``num_sources``
+    defaults to R. Rows that receive no peer token are in the call too, with their own tokens only.
+    Cost: the CPU builds one (R, 1 + k, N) visibility table, one ``nonzero`` and the padded index (masks not on
+    the CPU cost one transfer, a device sync); the device gets the index and the padding mask in one
+    asynchronous copy.
+    """
+    num_sources = num_rows if num_sources is None else num_sources
+    _check_peers(num_rows, num_sources, num_tokens, peers)
+    masks = [mask for row_peers in peers for _, mask in row_peers]
+    if not masks:
+        return None
     if masks[0].device.type != "cpu":  # one transfer (a device sync) for all of them
         masks = list(torch.stack([mask.to(masks[0].device) for mask in masks]).cpu())
-    slots = 1 + max(len(peers[row]) for row in sharing)
+    slots = 1 + max(len(row_peers) for row_peers in peers)
     own, empty = torch.ones(num_tokens, dtype=torch.bool), torch.zeros(num_tokens, dtype=torch.bool)
     planes, source, flat_masks = [], [], iter(masks)
-    for row in sharing:  # slot 0: own tokens, then the peers, then empty slots up to ``slots``
-        padding = slots - 1 - len(peers[row])
-        planes += [own, *(next(flat_masks) for _ in peers[row]), *([empty] * padding)]
-        source.append([row, *(peer for peer, _ in peers[row]), *([0] * padding)])
-    visible = torch.stack(planes).view(len(sharing), slots, num_tokens)
-    source = torch.tensor(source)  # (rows, slots): the row each slot reads
+    for row, row_peers in enumerate(peers):  # slot 0: own tokens, then the peers, then empty slots
+        padding = slots - 1 - len(row_peers)
+        planes += [own, *(next(flat_masks) for _ in row_peers), *([empty] * padding)]
+        source.append([row, *(peer for peer, _ in row_peers), *([0] * padding)])
+    visible = torch.stack(planes).view(num_rows, slots, num_tokens)
+    lengths = visible.sum((1, 2))  # a CPU tensor: no device sync
+    longest = int(lengths.max())
+    if longest == num_tokens:  # every peer mask empty
+        return None
+    length = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
     where = visible.nonzero()  # (K, 3) in (row, slot, token) order: own first, then peers in the given order
-    flat = source[where[:, 0], where[:, 1]] * num_tokens + where[:, 2]
-    lengths = visible.sum((1, 2)).tolist()  # a CPU tensor: no device sync
-    by_length: dict[int, list[int]] = {}
-    for i, length in enumerate(lengths):
-        if length > num_tokens:  # a row that receives no peer token attends plainly
-            by_length.setdefault(length, []).append(i)
-    if not by_length:
-        return []
-    parts = flat.split(lengths)
-    ordered = [(length, members) for length, members in by_length.items()]
-    packed = device_index(torch.cat([parts[i] for _, members in ordered for i in members]), hidden.device)
-    flat_hidden = hidden.reshape(num_rows * num_tokens, channels)
-    groups = []
-    for (length, members), index in zip(ordered, packed.split([length * len(m) for length, m in ordered])):
-        context = flat_hidden.index_select(0, index).view(len(members), length, channels)  # (G, L, C)
-        groups.append(ContextGroup(tuple(sharing[i] for i in members), context))
-    return groups
+    flat = torch.tensor(source)[where[:, 0], where[:, 1]] * num_tokens + where[:, 2]
+    position = torch.arange(length)
+    keys = position < lengths.unsqueeze(1)  # (R, L): True on each row's real keys, rows in order
+    index = torch.zeros(num_rows, length, dtype=torch.long)
+    index[keys] = flat  # padding reads row 0's first token, masked out
+    padded = not bool(keys.all())
+    moved = device_index(torch.cat((index.flatten(), keys.flatten().long())) if padded else index.flatten(), device)
+    index_on_device = moved[:num_rows * length]
+    mask = moved[num_rows * length:].view(num_rows, length).bool() if padded else None
+    return PaddedSharing(tuple(range(num_rows)), length, index_on_device, mask)
+
+
+def masked_peer_contexts(hidden: torch.Tensor, peers: RowPeers) -> list[ContextGroup]:
+    """Contexts [own tokens ; tokens of each peer row where its mask is True, peers in the given order], as one
+    padded ``ContextGroup`` covering every row (``plan_masked_sharing``), or [] when no row receives a peer token.
+
+    hidden: (R, N, C) self-attention input; peers[r]: row r's (peer row, bool (N,) mask) pairs, distinct peer
+    rows ≠ r (masks on one device).
+    """
+    plan = plan_masked_sharing(hidden.shape[0], hidden.shape[1], peers, hidden.device)
+    return [] if plan is None else [plan.group(hidden)]
 
 
 def peer_token_mask(viewer: int, peer: int, frame_characters: FrameGroups, masks: CharacterMasks,
@@ -164,28 +208,27 @@ def sharing_masks(layout: RowLayout, frame_characters: FrameGroups, masks: Chara
     return result
 
 
-def reference_extras(layout: RowLayout, reference_tokens: Mapping[tuple[Role, int], torch.Tensor],
-                     frame_characters: FrameGroups, masks: CharacterMasks, *, p_share: float = 0.0,
-                     seed_parts: tuple = ()) -> list[torch.Tensor | None]:
-    """Per row, the cached reference tokens it reads (Eq. 13 with a cache), for ``contexts_with_row_extras``.
+def reference_peers(layout: RowLayout, references: Sequence[tuple[Role, int]], frame_characters: FrameGroups,
+                    masks: CharacterMasks, *, p_share: float = 0.0,
+                    seed_parts: tuple = ()) -> list[list[tuple[int, torch.Tensor]]]:
+    """Eq. 13 with a cache, as peers for ``plan_masked_sharing``: per row, the cached references it reads.
 
-    reference_tokens: (role, reference frame) -> (N, C) tokens stored while the references were generated (the
-    self-attention input of that row); masks must hold the references' masks. A row of a non-reference frame with
-    role COND or UNCOND gets, for every reference in the mapping's order that shares a character with it, the
-    reference's tokens of its own role where ``peer_token_mask`` is True, concatenated to (L, C); otherwise None.
-    With the same tokens and masks this equals ``sharing_masks`` with the references in the batch.
+    references: the (role, reference frame) entries available, in order; entry e is source ``R + e``. A row of a
+    non-reference frame with role COND or UNCOND reads, for every reference of its own role that shares a character
+    with it, the tokens where ``peer_token_mask`` is True (references in the order they first appear). With the same
+    tokens and masks this equals ``sharing_masks`` with the references in the batch.
     """
-    references = list(dict.fromkeys(frame for _, frame in reference_tokens))
-    extras: list[torch.Tensor | None] = []
+    num_rows = layout.num_rows
+    reference_frames = {frame for _, frame in references}
+    result: list[list[tuple[int, torch.Tensor]]] = []
     for frame, role in zip(layout.frames, layout.roles):
-        parts = []
-        if role in SHARING_ROLES and frame not in references:
-            for reference in references:
-                tokens = reference_tokens.get((role, reference))
+        row_peers: list[tuple[int, torch.Tensor]] = []
+        result.append(row_peers)
+        if role not in SHARING_ROLES or frame in reference_frames:
+            continue
+        for e, (entry_role, reference) in enumerate(references):
+            if entry_role is role:
                 mask = peer_token_mask(frame, reference, frame_characters, masks, p_share, seed_parts)
-                if tokens is not None and mask is not None:
-                    parts.append(tokens.index_select(0, device_index(mask.cpu().nonzero().flatten(),
-                                                                     tokens.device)))
-        extra = torch.cat(parts) if parts else None
-        extras.append(extra if extra is not None and extra.shape[0] > 0 else None)
-    return extras
+                if mask is not None:
+                    row_peers.append((num_rows + e, mask))
+    return result

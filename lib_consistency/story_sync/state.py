@@ -44,17 +44,18 @@ from ..common.addresses import DitDepth, LayerAddress, StepKey, layer_key, stabl
 from ..common.async_index import index_tensor
 from ..common.row_layout import UNKNOWN_LAYOUT, Role, RowLayout, token_grid
 from ..story_diffusion.consistent_self_attention import (ContextGroup, LayerPolicy, Schedule, attend_in_groups,
-                                                         contexts_with_row_extras, layer_is_selected, share_at_step)
+                                                         layer_is_selected, share_at_step)
 from ..story_diffusion.reference_bank import BankKey, ReferenceBank
 from ..story_diffusion.state import BankMode
 from .harmonization import harmonize_rows
-from .masked_sharing import masked_peer_contexts, reference_extras, sharing_masks
+from .masked_sharing import PaddedSharing, plan_masked_sharing, reference_peers, sharing_masks
 from .subject_masks import MaskAccumulator, binarize, character_maps, drop_mask, resize_mask, subject_probabilities
 
 MASK_LEVEL = 2
 RFH_LEVEL = 1
 DIT_RFH_RANGE = (0.5, 0.75)  # depth fractions of the transformer blocks where RFH runs (our choice)
-Attention = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # (query input, context) -> output
+# (query input, context[, visible]) -> output; ``visible`` only for padded contexts (``attend_in_groups``)
+Attention = Callable[..., torch.Tensor]
 
 
 class PrePassDone(Exception):
@@ -105,6 +106,8 @@ class StorySyncState:
         self.total_steps = 0
         self._accumulator = MaskAccumulator()
         self._resized: dict[tuple, torch.Tensor] = {}  # (frame, bank step or None, grid) -> resized masks
+        self._dropped: dict[tuple, dict[str, torch.Tensor]] = {}  # the same keys -> this step's dropped masks
+        self._plans: dict[tuple, PaddedSharing | None] = {}  # (layout, grid, bank entries) -> this step's sharing
         self.masks: dict[int, tuple[tuple[int, int], dict[str, torch.Tensor]]] = {}  # latest per frame, undropped
         self.bank_masks: dict[tuple[StepKey, int], tuple[tuple[int, int], dict[str, torch.Tensor]]] = {}
 
@@ -121,12 +124,19 @@ class StorySyncState:
     def begin_step(self, pass_index: int, step_index: int, total_steps: int, sigma: float) -> None:
         self.step = StepKey(pass_index, step_index, sigma)
         self.total_steps = total_steps
+        self._forget_plans()
+
+    def _forget_plans(self) -> None:
+        """The dropped masks and sharing plans hold for one step and one set of masks."""
+        self._dropped.clear()
+        self._plans.clear()
 
     def close(self) -> None:
         self.closed = True
         self.bank.clear()
         self.bli_cache.clear()
         self.bank_masks.clear()
+        self._forget_plans()
         self.layout = UNKNOWN_LAYOUT
 
     def _active(self, num_rows: int) -> bool:
@@ -204,6 +214,7 @@ class StorySyncState:
     def _finalize_masks(self) -> None:
         grid = self._accumulator.grid
         self._resized.clear()  # the masks change
+        self._forget_plans()
         maps = self._accumulator.mean_maps()
         self._accumulator.clear()
         if not maps:
@@ -217,8 +228,14 @@ class StorySyncState:
             if self.bank_mode is BankMode.WRITE and frame in (self.reference_frames or ()):
                 self.bank_masks[(self.step, frame)] = self.masks[frame]  # small: bool grids, for later batches
 
-    def _masks_at(self, grid, key: str, frames: Sequence[int]) -> dict[int, dict[str, torch.Tensor]]:
-        """Each frame's character masks resized to ``grid`` and after mask dropout (frame-seeded)."""
+    def _masks_at(self, grid, frames: Sequence[int]) -> dict[int, dict[str, torch.Tensor]]:
+        """Each frame's character masks resized to ``grid`` and after mask dropout.
+
+        Mask dropout (methods.md §5.1 step 5, our choice): one draw per frame, step and grid, seeded with
+        ``stable_seed(run_seed, step, "grid HxW", "mask", frame)``, used wherever that frame's mask is used at this
+        grid in this step (every sharing layer and RFH), as ConsiStory redraws its dropout once per step. So every
+        layer of a grid shares one sharing plan (``_sharing_plan``), built once per UNet call.
+        """
         out = {}
         for frame in frames:
             stored, cache_key = self.masks.get(frame), (frame, None, (grid.height, grid.width))
@@ -228,15 +245,18 @@ class StorySyncState:
                 cache_key = (frame, self.step, (grid.height, grid.width))
             if stored is None:
                 continue
-            source, by_character = stored
-            names = list(by_character)
-            resized = self._resized.get(cache_key)
-            if resized is None:  # once per mask and grid until the masks change (once per UNet call)
-                resized = resize_mask(torch.stack([by_character[n] for n in names]), source, cache_key[2])
-                self._resized[cache_key] = resized
-            stacked = drop_mask(resized, self.settings.mask_dropout,
-                                stable_seed(self.run_seed, self.step, key, "mask", frame))
-            out[frame] = dict(zip(names, stacked))
+            dropped = self._dropped.get(cache_key)
+            if dropped is None:
+                source, by_character = stored
+                names = list(by_character)
+                resized = self._resized.get(cache_key)
+                if resized is None:  # once per mask and grid until the masks change (once per UNet call)
+                    resized = resize_mask(torch.stack([by_character[n] for n in names]), source, cache_key[2])
+                    self._resized[cache_key] = resized
+                stacked = drop_mask(resized, self.settings.mask_dropout,
+                                    stable_seed(self.run_seed, self.step, _grid_key(grid), "mask", frame))
+                dropped = self._dropped[cache_key] = dict(zip(names, stacked))
+            out[frame] = dropped
         return out
 
     # --- self-attention --------------------------------------------------------------------------------------
@@ -293,30 +313,47 @@ class StorySyncState:
         return torch.stack(rows)
 
     def _sharing_groups(self, layer, key: str, grid, own: torch.Tensor) -> list[ContextGroup]:
+        """Masked sharing of one layer call (paper Eqs. 5-8, 13): one padded context group for every row, or []."""
         s = self.settings
         if not layer_is_selected(s.layer_policy, layer, grid, self.depth) or not share_at_step(
                 s.schedule, self.step.step_index, self.total_steps, stable_seed(self.run_seed, self.step, key,
                                                                                  "share")):
             return []
-        layout, seed_parts = self.layout, (self.run_seed, self.step, key)
-        if self.bank_mode is BankMode.READ:
-            references = self.reference_frames or ()
-            masks = self._masks_at(grid, key, set(layout.frames) | set(references))
-            tokens = {(role, f): t for role in (Role.COND, Role.UNCOND) for f in references
-                      if (t := self.bank.read(BankKey(key, self.step, role, f), own.device, own.dtype)) is not None}
-            extras = reference_extras(layout, tokens, self.frame_groups, masks, p_share=s.share_dropout,
-                                      seed_parts=seed_parts)
-            return contexts_with_row_extras(own, extras)
-        masks = self._masks_at(grid, key, set(layout.frames))
+        layout = self.layout
         if self.bank_mode is BankMode.WRITE:
             for row, (frame, role) in enumerate(zip(layout.frames, layout.roles)):
                 if frame in (self.reference_frames or ()) and role is not Role.OTHER:
                     self.bank.write(BankKey(key, self.step, role, frame), own[row])
-        if not masks:
-            return []
-        peers = sharing_masks(layout, self.frame_groups, masks, reference_frames=self.reference_frames,
-                              p_share=s.share_dropout, seed_parts=seed_parts)
-        return masked_peer_contexts(own, peers)
+        entries, extras = (), None
+        if self.bank_mode is BankMode.READ:  # the references' tokens of this layer, cached by an earlier batch
+            read = [((role, f), t) for role in (Role.COND, Role.UNCOND) for f in self.reference_frames or ()
+                    if (t := self.bank.read(BankKey(key, self.step, role, f), own.device, own.dtype)) is not None
+                    and t.shape == own.shape[1:]]
+            entries = tuple(entry for entry, _ in read)
+            extras = torch.cat([tokens for _, tokens in read]) if read else None
+        plan = self._sharing_plan(grid, own, entries)
+        return [] if plan is None else [plan.group(own, extras)]
+
+    def _sharing_plan(self, grid, own: torch.Tensor, entries: tuple) -> PaddedSharing | None:
+        """Who reads which tokens at this grid: built once per step, layout, grid and set of bank entries (the
+        masks and their dropout draws are per grid, ``_masks_at``), then every layer at the grid reuses it."""
+        cache_key = (self.layout, grid.height, grid.width, entries)
+        if cache_key in self._plans:
+            return self._plans[cache_key]
+        s, layout = self.settings, self.layout
+        seed_parts = (self.run_seed, self.step, _grid_key(grid))
+        if self.bank_mode is BankMode.READ:
+            masks = self._masks_at(grid, set(layout.frames) | {f for _, f in entries})
+            peers = reference_peers(layout, entries, self.frame_groups, masks, p_share=s.share_dropout,
+                                    seed_parts=seed_parts)
+        else:
+            masks = self._masks_at(grid, set(layout.frames))
+            peers = sharing_masks(layout, self.frame_groups, masks, reference_frames=self.reference_frames,
+                                  p_share=s.share_dropout, seed_parts=seed_parts) if masks else []
+        plan = plan_masked_sharing(own.shape[0], own.shape[1], peers, own.device,
+                                   own.shape[0] + len(entries)) if peers else None
+        self._plans[cache_key] = plan
+        return plan
 
     def harmonize_output(self, layer: LayerAddress, out: torch.Tensor) -> torch.Tensor:
         """Self-attention output side [R, N, C] (after the output projection, before the residual): RFH."""
@@ -330,7 +367,7 @@ class StorySyncState:
             return out
         key = layer_key(layer)
         cond = [r for r, role in enumerate(layout.roles) if role is Role.COND]
-        masks = self._masks_at(grid, key, {layout.frames[r] for r in cond} | set(self.reference_frames or ()))
+        masks = self._masks_at(grid, {layout.frames[r] for r in cond} | set(self.reference_frames or ()))
         sources = {layout.frames[r]: out[r] for r in cond}
         if self.bank_mode is BankMode.WRITE:
             for frame in set(sources) & set(self.reference_frames or ()):
@@ -353,6 +390,11 @@ class StorySyncState:
         # every cond row in one batched call (a few dozen kernels per layer, whatever the number of frames)
         return harmonize_rows(out, targets, [(sources[f], masks.get(f, {})) for f in readers], readable,
                               s.rfh_strength, s.rfh_dropout, generators)
+
+
+def _grid_key(grid) -> str:
+    """The seed part of a token grid: the draws made once per grid and step (mask and share dropout)."""
+    return f"grid {grid.height}x{grid.width}"
 
 
 def _column_groups(characters: Mapping[str, Sequence[int]]):

@@ -27,8 +27,7 @@ import torch
 
 from ..common.addresses import LayerAddress
 from ..common.async_index import index_tensor
-from ..one_prompt_one_story.ipca import (IdentityAttentionState, append_identity_tokens, attention_with_bias, cond_rows,
-                                         identity_keys)
+from ..one_prompt_one_story.ipca import IdentityAttentionState, append_identity_tokens, cond_rows, identity_keys
 from ..story_diffusion.consistent_self_attention import attend_in_groups
 from ..story_diffusion.state import ConsistencyState
 from ..story_sync.state import StorySyncState
@@ -40,10 +39,22 @@ def _has_tensor_kwargs(kwargs: dict, allowed: str) -> bool:
     return any(isinstance(value, torch.Tensor) for key, value in kwargs.items() if key != allowed)
 
 
+class _SelfAttentionHook(InstanceForwardHook):
+    def _attention(self, kwargs: dict):
+        """The self-attention of ``attend_in_groups``: the module's own forward with ``context``, or with padded
+        contexts (a ``visible`` mask, which the host's forward cannot take) ``padded_attention_forward``."""
+        def attention(query_input: torch.Tensor, context: torch.Tensor | None,
+                      visible: torch.Tensor | None = None) -> torch.Tensor:
+            if visible is not None:
+                return padded_attention_forward(self.module, query_input, context, visible)
+            return self._inner_forward(query_input, **{**kwargs, self.context_kwarg: context})
+        return attention
+
+
 # ------------------------------------------------------------------------------ StoryDiffusion: CSA (attn1)
 
 
-class ConsistentSelfAttentionHook(InstanceForwardHook):
+class ConsistentSelfAttentionHook(_SelfAttentionHook):
     """Instance-level ``forward`` of one self-attention module that applies CSA through ``state``."""
 
     state: ConsistencyState
@@ -58,10 +69,7 @@ class ConsistentSelfAttentionHook(InstanceForwardHook):
         if groups is None:
             return self._inner_forward(hidden, **kwargs)
 
-        def attention(queries_hidden: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-            return self._inner_forward(queries_hidden, **{**kwargs, self.context_kwarg: context})
-
-        return attend_in_groups(attention, hidden, groups)
+        return attend_in_groups(self._attention(kwargs), hidden, groups)
 
 
 def install_csa_hooks(layers: Iterable[tuple[LayerAddress, torch.nn.Module]], state: ConsistencyState,
@@ -73,12 +81,14 @@ def install_csa_hooks(layers: Iterable[tuple[LayerAddress, torch.nn.Module]], st
 # ------------------------------------------------------------------------------ 1Prompt1Story: IPCA (attn2)
 
 
-def biased_attention_forward(module: torch.nn.Module, hidden: torch.Tensor, context: torch.Tensor,
-                             bias: torch.Tensor) -> torch.Tensor:
-    """The attention of an ldm/diffusers attention module with an additive logit bias.
+def module_attention(module: torch.nn.Module, hidden: torch.Tensor, context: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """The attention of an ldm/diffusers attention module with a mask the host's forward cannot take (A1111's
+    optimised forwards ignore or refuse one, hosts.md §3.1): the module's own ``to_q/to_k/to_v``, ``heads`` and
+    every layer of ``to_out`` (Linear then Dropout in both libraries) around ``scaled_dot_product_attention``.
 
-    hidden: (R, Q, C); context: (R, T, D); bias: (R, Q, T), shared across heads. Uses ``to_q/to_k/to_v``,
-    ``heads`` and every layer of ``to_out`` (Linear then Dropout in both libraries).
+    hidden: (R, Q, C); context: (R, T, D); mask: broadcastable to (R, heads, Q, T), a float logit bias or a bool
+    "may attend" mask. Returns (R, Q, C_out).
     """
     rows, heads = hidden.shape[0], module.heads
 
@@ -86,10 +96,26 @@ def biased_attention_forward(module: torch.nn.Module, hidden: torch.Tensor, cont
         return t.view(rows, t.shape[1], heads, -1).transpose(1, 2)
 
     q, k, v = split(module.to_q(hidden)), split(module.to_k(context)), split(module.to_v(context))
-    out = attention_with_bias(q, k, v, bias.unsqueeze(1)).transpose(1, 2).reshape(rows, hidden.shape[1], -1)
+    if mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = out.transpose(1, 2).reshape(rows, hidden.shape[1], -1)
     for layer in module.to_out:
         out = layer(out)
     return out
+
+
+def biased_attention_forward(module: torch.nn.Module, hidden: torch.Tensor, context: torch.Tensor,
+                             bias: torch.Tensor) -> torch.Tensor:
+    """``module_attention`` with an additive logit bias (R, Q, T), shared across heads."""
+    return module_attention(module, hidden, context, bias.unsqueeze(1))
+
+
+def padded_attention_forward(module: torch.nn.Module, hidden: torch.Tensor, context: torch.Tensor,
+                             visible: torch.Tensor) -> torch.Tensor:
+    """``module_attention`` over padded contexts (R, L, D): ``visible`` (R, L) bool marks each row's real keys
+    (a key-padding mask: one call for rows whose contexts differ in length)."""
+    return module_attention(module, hidden, context, visible[:, None, None, :])
 
 
 class IdentityCrossAttentionHook(InstanceForwardHook):
@@ -163,7 +189,7 @@ class SubjectMapHook(InstanceForwardHook):
         return self._inner_forward(hidden, *args, **kwargs)
 
 
-class StorySyncSelfAttentionHook(InstanceForwardHook):
+class StorySyncSelfAttentionHook(_SelfAttentionHook):
     """attn1: ``StorySyncState.self_attention`` (input side) then ``harmonize_output`` (RFH)."""
 
     state: StorySyncState
@@ -175,10 +201,7 @@ class StorySyncSelfAttentionHook(InstanceForwardHook):
                 or _has_tensor_kwargs(kwargs, self.context_kwarg):
             return self._inner_forward(hidden, *args, **kwargs)  # not a plain self-attention call
 
-        def attention(query_input: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-            return self._inner_forward(query_input, **{**kwargs, self.context_kwarg: context})
-
-        out = self.state.self_attention(self.layer, hidden, attention)
+        out = self.state.self_attention(self.layer, hidden, self._attention(kwargs))
         if out is None:
             out = self._inner_forward(hidden, **kwargs)
         return self.state.harmonize_output(self.layer, out)

@@ -127,36 +127,58 @@ def joint_attention(run: DitRunState | None, layer: LayerAddress, q: torch.Tenso
         if planned is not None:
             query, groups = planned
             image_q = query[..., :width]
-            contexts = [(g.rows, g.context[..., width:2 * width], g.context[..., 2 * width:]) for g in groups]
+            contexts = [(g.rows, g.context[..., width:2 * width], g.context[..., 2 * width:], g.visible)
+                        for g in groups]
     elif run.csa is not None:
         run.enter(CSA, layer)
         groups = run.csa.contexts_for(layer, torch.cat([_flat(x[:, :, image]) for x in (k, v)], dim=-1))
-        contexts = [(g.rows, g.context[..., :width], g.context[..., width:]) for g in groups or ()]
+        contexts = [(g.rows, g.context[..., :width], g.context[..., width:], g.visible) for g in groups or ()]
     ipca = _ipca(run, layer, rows, text)
     if not contexts and ipca is None:
         return None
-    covered = {r for group_rows, _, _ in contexts for r in group_rows}
+    covered = {r for group_rows, *_ in contexts for r in group_rows}
     rest = tuple(r for r in range(rows) if r not in covered)
     if rest:  # rows sharing nothing: their own image keys
         index = index_tensor(rest, q.device)
         contexts.append((rest, _flat(k.index_select(0, index)[:, :, image]),
-                         _flat(v.index_select(0, index)[:, :, image])))
+                         _flat(v.index_select(0, index)[:, :, image]), None))
     out = attend(q[:, :, :text], k, v)  # text queries: their own sequence
     image_out = out.new_empty((rows, q.shape[2] - text, width))
-    for group_rows, keys, values in contexts:
+    for group_rows, keys, values, visible in contexts:
         for part, with_ipca in _split(group_rows, ipca):
-            at = [group_rows.index(r) for r in part]
-            index, local = index_tensor(part, q.device), index_tensor(at, q.device)
-            own_k, own_v = k.index_select(0, index)[:, :, :text], v.index_select(0, index)[:, :, :text]
-            keys_part = torch.cat([own_k, _heads(keys.index_select(0, local), heads)], 2)
-            values_part = torch.cat([own_v, _heads(values.index_select(0, local), heads)], 2)
-            queries = _heads(image_q.index_select(0, index), heads)
-            if with_ipca:
-                result = _identity_attention(run, layer, part, ipca[1], queries, keys_part, values_part, attend)
+            index = index_tensor(part, q.device)
+            part_keys, part_values, part_visible = keys, values, visible
+            if tuple(part) != tuple(group_rows):  # a subset (IPCA's cond rows): its rows of the context
+                local = index_tensor([group_rows.index(r) for r in part], q.device)
+                part_keys, part_values = keys.index_select(0, local), values.index_select(0, local)
+                part_visible = None if visible is None else visible.index_select(0, local)
+            if tuple(part) == tuple(range(rows)):
+                own_k, own_v, queries = k[:, :, :text], v[:, :, :text], image_q
             else:
-                result = attend(queries, keys_part, values_part)
+                own_k, own_v = k.index_select(0, index)[:, :, :text], v.index_select(0, index)[:, :, :text]
+                queries = image_q.index_select(0, index)
+            keys_part = torch.cat([own_k, _heads(part_keys, heads)], 2)
+            values_part = torch.cat([own_v, _heads(part_values, heads)], 2)
+            mask = None if part_visible is None else torch.cat([part_visible.new_ones(len(part), text),
+                                                                part_visible], 1)
+            if with_ipca:
+                result = _identity_attention(run, layer, part, ipca[1], _heads(queries, heads), keys_part,
+                                             values_part, attend, mask)
+            else:
+                result = _attend(attend, _heads(queries, heads), keys_part, values_part, mask)
             image_out.index_copy_(0, index, result.to(image_out.dtype))
     return torch.cat([out, image_out], dim=1)
+
+
+def _attend(attend: DitAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            visible: torch.Tensor | None) -> torch.Tensor:
+    """The host's attention, or for padded keys (``visible`` (r, L) bool: each row's real keys, StorySync's masked
+    sharing) ``scaled_dot_product_attention`` with that key-padding mask: one call for rows of different context
+    lengths. The hosts' attention functions cannot all take such a mask (Forge's xformers path pads it to the
+    query length)."""
+    if visible is None:
+        return attend(q, k, v)
+    return _flat(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :]))
 
 
 def _split(rows: tuple[int, ...], ipca) -> list[tuple[list[int], bool]]:
@@ -167,15 +189,21 @@ def _split(rows: tuple[int, ...], ipca) -> list[tuple[list[int], bool]]:
     return [part for part in parts if part[0]]
 
 
-def _identity_attention(run, layer, rows, columns, q, k, v, attend) -> torch.Tensor:
+def _identity_attention(run, layer, rows, columns, q, k, v, attend, visible=None) -> torch.Tensor:
     """Image queries [r, H, Q, D] of cond rows over keys whose first columns are their text: the identity columns
-    appended once more (= +ln 2 on their logits), or IPCA dropout's seeded bias."""
+    appended once more (= +ln 2 on their logits), or IPCA dropout's seeded bias. ``visible`` (r, L) bool: the
+    real keys of padded contexts (``_attend``)."""
     state = run.ipca
     if state.dropout == 0:
         index = index_tensor(columns, q.device)
-        return attend(q, torch.cat([k, k.index_select(2, index)], 2), torch.cat([v, v.index_select(2, index)], 2))
+        if visible is not None:
+            visible = torch.cat([visible, visible.new_ones(visible.shape[0], len(columns))], 1)
+        return _attend(attend, q, torch.cat([k, k.index_select(2, index)], 2),
+                       torch.cat([v, v.index_select(2, index)], 2), visible)
     frames = [state.layout.frames[r] for r in rows]
     bias = dropout_bias(state, layer, frames, q.shape[2], k.shape[2], columns, q).unsqueeze(1)
+    if visible is not None:
+        bias = bias.to(q.dtype).masked_fill(~visible[:, None, None, :], float("-inf"))
     return _flat(attention_with_bias(q, k, v, bias))
 
 

@@ -107,6 +107,22 @@ def set_replace_all(unet, target: str, make: Callable[[Patch | None], Patch]) ->
     return sorted(set(wrapped))
 
 
+def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                     visible: torch.Tensor) -> torch.Tensor:
+    """Attention of q [R, Q, H·d] over padded k, v [R, L, H·d] with ``visible`` (R, L) bool marking each row's real
+    keys: ``scaled_dot_product_attention`` itself, the kernel of Forge's default ``attention_pytorch``. Forge's
+    other attention functions do not take a key-padding mask longer than the queries (its xformers path pads the
+    mask to the query length), so padded calls never go through them."""
+    rows, queries, width = q.shape
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(rows, t.shape[1], heads, width // heads).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v),
+                                                           attn_mask=visible[:, None, None, :])
+    return out.transpose(1, 2).reshape(rows, queries, width)
+
+
 def _in_groups(attention: Attention, heads: int, q, k, v, groups: list) -> torch.Tensor:
     """Attention per row group: ``groups`` holds (rows, k_rows, v_rows, mask); rows in no group attend plainly."""
     covered = {r for rows, *_ in groups for r in rows}
@@ -201,10 +217,13 @@ def storysync_replace(attention: Attention, foreign: Patch | None = None):
             return plain(q, k, v, extra_options)
         width = q.shape[-1]
 
-        def attend(query_qkv, context_qkv):
+        def attend(query_qkv, context_qkv, visible=None):
             inner = _altered(attention, foreign, "StorySync", extra_options)
             source = query_qkv if context_qkv is None else context_qkv
-            return inner(query_qkv[..., :width], source[..., width:2 * width], source[..., 2 * width:], heads)
+            q_, k_, v_ = query_qkv[..., :width], source[..., width:2 * width], source[..., 2 * width:]
+            if visible is None:
+                return inner(q_, k_, v_, heads)
+            return padded_attention(q_, k_, v_, heads, visible)
 
         out = state.self_attention(layer, torch.cat([q, k, v], dim=-1), attend)
         return plain(q, k, v, extra_options) if out is None else out

@@ -20,7 +20,7 @@ from lib_consistency.story.preview import preview_panel, preview_story, seed_of,
 from lib_consistency.story.run import plan_consolidation, plan_story_run, storysync_references
 from lib_consistency.story_diffusion.consistent_self_attention import plan_in_batch_sharing
 from lib_consistency.story_diffusion.reference_bank import BankKey, ReferenceBank, read_extras
-from lib_consistency.story_sync.masked_sharing import reference_extras, sharing_masks
+from lib_consistency.story_sync.masked_sharing import reference_peers, sharing_masks
 from tests.conftest import tiny_clip_text_model
 from tests.fake_webui import ToyModel, ToyProcessing, install_stub_modules
 
@@ -102,10 +102,10 @@ def test_storysync_sources_are_its_masked_peers_and_reference_reads(values):
         frames = plan.batch_frames(batch)
         layout = a1111_step_plan([1] * len(frames), frames)
         if plan.bank_role(batch, references or ()) == "read":
-            tokens = {(Role.COND, ref): torch.full((4, 1), float(ref)) for ref in references}
-            extras = reference_extras(layout, tokens, groups, masks)
+            entries = [(Role.COND, ref) for ref in references]
+            peers = reference_peers(layout, entries, groups, masks)
             for row, frame in enumerate(frames):
-                read = [] if extras[row] is None else sorted({int(v) for v in extras[row].flatten()})
+                read = sorted(entries[source - layout.num_rows][1] for source, _ in peers[row])
                 assert tuple(f + 1 for f in read) == rows[frame].shares_with, frame
         else:
             peers = sharing_masks(layout, groups, masks, reference_frames=references)

@@ -9,9 +9,10 @@ import torch
 
 from lib_consistency.common.addresses import StepKey
 from lib_consistency.common.row_layout import Role, RowLayout
-from lib_consistency.story_diffusion.consistent_self_attention import attend_in_groups, contexts_with_row_extras
-from lib_consistency.story_sync.masked_sharing import (masked_peer_contexts, peer_token_mask, reference_extras,
-                                                       sharing_masks)
+from lib_consistency.story_diffusion.consistent_self_attention import attend_in_groups
+from lib_consistency.story_sync.masked_sharing import (PAD_MULTIPLE, masked_peer_contexts, peer_token_mask,
+                                                       plan_masked_sharing, reference_peers, sharing_masks)
+from lib_consistency.surfaces.attention_modules import padded_attention_forward
 from tests.fake_webui import ToyAttention
 
 C, U, O = Role.COND, Role.UNCOND, Role.OTHER
@@ -41,11 +42,20 @@ def groups_of(frame_characters):
     return {frame: frozenset(chars) for frame, chars in frame_characters.items()}
 
 
+def module_attention(module):
+    """What a hook's attention does: the module's forward, or over padded contexts the key-padding form."""
+    def attention(rows, context, visible=None):
+        if visible is None:
+            return module(rows, context=context)
+        return padded_attention_forward(module, rows, context, visible)
+    return attention
+
+
 def masked_attention(module, hidden, peers):
-    """What a hook does: host attention on [own ; masked peer tokens], once per context length."""
+    """What a hook does: one attention call on [own ; masked peer tokens], padded to one length."""
     groups = masked_peer_contexts(hidden, peers)
     with torch.no_grad():
-        return attend_in_groups(lambda rows, context: module(rows, context=context), hidden, groups)
+        return attend_in_groups(module_attention(module), hidden, groups)
 
 
 def plain(module, hidden):
@@ -90,10 +100,11 @@ def test_equals_naive_log_mask_attention_over_all_rows(dtype, tolerance):
              [(2, torch.zeros(TOKENS, dtype=torch.bool))]]  # only an empty mask: plain attention
     counts = {row: TOKENS + sum(int(m.sum()) for _, m in p) for row, p in enumerate(peers)}
     groups = masked_peer_contexts(hidden, peers)
-    sharing = {row: n for row, n in counts.items() if n > TOKENS}
-    assert sorted(r for g in groups for r in g.rows) == sorted(sharing)
-    assert len(groups) == len(set(sharing.values()))  # one group (one host call) per distinct length
-    assert all(g.context.shape[1] == sharing[r] for g in groups for r in g.rows)
+    assert len(groups) == 1 and groups[0].rows == (0, 1, 2, 3, 4)  # one attention call for every row
+    length = groups[0].context.shape[1]
+    assert length % PAD_MULTIPLE == 0 and max(counts.values()) <= length < max(counts.values()) + PAD_MULTIPLE
+    assert groups[0].visible.sum(1).tolist() == [counts[row] for row in range(5)]  # each row's real keys first
+    assert all(groups[0].visible[row, :counts[row]].all() for row in range(5))
     module = make_module(dtype)
     out = masked_attention(module, hidden, peers)
     torch.testing.assert_close(out.double(), naive_log_mask(module, hidden, peers), rtol=0, atol=tolerance)
@@ -106,10 +117,12 @@ def test_rows_with_equal_lengths_share_one_group_and_context_is_own_then_peers_i
     extra = torch.zeros(TOKENS, dtype=torch.bool)
     extra[: int(mask_b.sum())] = True  # as many tokens as mask_b
     groups = masked_peer_contexts(hidden, [[(2, mask_a), (1, mask_b)], [(0, extra)], [(0, mask_b)]])
-    by_row = {row: g.context[i] for g in groups for i, row in enumerate(g.rows)}
-    assert torch.equal(by_row[0], torch.cat((hidden[0], hidden[2][mask_a], hidden[1][mask_b])))
-    assert torch.equal(by_row[1], torch.cat((hidden[1], hidden[0][extra])))
-    assert [g.rows for g in groups if len(g.rows) > 1] == [(1, 2)]
+    (group,) = groups
+    real = {row: group.context[row][group.visible[row]] for row in range(3)}
+    assert torch.equal(real[0], torch.cat((hidden[0], hidden[2][mask_a], hidden[1][mask_b])))
+    assert torch.equal(real[1], torch.cat((hidden[1], hidden[0][extra])))
+    assert torch.equal(real[2], torch.cat((hidden[2], hidden[0][mask_b])))
+    assert not group.visible[:, -1].all()  # padded to one length
 
 
 def test_peer_tokens_outside_the_shared_characters_masks_change_nothing():
@@ -185,13 +198,14 @@ def test_cached_references_equal_references_in_the_batch():
     in_batch = masked_attention(module, hidden, sharing_masks(together, groups_of(chars), masks,
                                                               reference_frames=(0, 1), **kwargs))
     later = RowLayout((3, 2, 4, 3, 2, 4), (C, C, C, U, U, U))
-    bank = {(role, frame): hidden[5 * (role is U) + frame] for role in (C, U) for frame in (0, 1)}
-    extras = reference_extras(later, bank, groups_of(chars), masks, **kwargs)
-    assert extras[2] is None and extras[5] is None  # [NC]
+    entries = [(role, frame) for role in (C, U) for frame in (0, 1)]  # the bank: sources 6.. of the call
+    bank = torch.cat([hidden[5 * (role is U) + frame] for role, frame in entries])
+    peers = reference_peers(later, entries, groups_of(chars), masks, **kwargs)
+    assert [[source for source, _ in row] for row in peers] == [[7], [6, 7], [], [9], [8, 9], []]  # [NC]: none
     later_hidden = hidden[[3, 2, 4, 8, 7, 9]]
+    plan = plan_masked_sharing(6, TOKENS, peers, "cpu", num_sources=6 + len(entries))
     with torch.no_grad():
-        out = attend_in_groups(lambda rows, context: module(rows, context=context), later_hidden,
-                               contexts_with_row_extras(later_hidden, extras))
+        out = attend_in_groups(module_attention(module), later_hidden, [plan.group(later_hidden, bank)])
     torch.testing.assert_close(out, in_batch[[3, 2, 4, 8, 7, 9]], rtol=0, atol=1e-12)
 
 

@@ -201,15 +201,16 @@ def test_a_later_batch_reads_the_references_from_the_bank():
     hidden = torch.randn(6, 16, 8)
     calls = []
 
-    def attention(query, context):
-        calls.append((query, context))
+    def attention(query, context, visible=None):
+        calls.append((query, context, visible))
         return query
 
     def context_of(row_hidden):
-        for query, context in calls:
+        """The real keys (the padding left out) of the row whose queries are ``row_hidden``."""
+        for query, context, visible in calls:
             for i in range(query.shape[0]):
                 if torch.equal(query[i], row_hidden):
-                    return context[i]
+                    return context[i] if visible is None else context[i][visible[i]]
         return None
 
     writer = masked_state(BankMode.WRITE, references=(0, 1))
