@@ -20,7 +20,7 @@ Who shares with whom (``sharing_masks``):
   each frame keeps all its own tokens (inferred, methods.md §5.1 step 6).
 
 Our choices: the share dropout p_share (methods.md §5.1 step 5) is one Bernoulli per peer token, keep with
-probability 1 − p, drawn from ``stable_seed(run_seed, step_key, layer_key, "share", viewer_frame, peer_frame)``, so
+probability 1 − p, drawn from ``stable_seed(run_seed, step_key, grid_key, "share", viewer_frame, peer_frame)``, so
 the draw belongs to the pair of frames, never to row positions or batch composition; cond and uncond rows of a frame
 get the same draw. Subject masks come in already binarised and after mask dropout (``subject_masks``).
 """
@@ -151,8 +151,9 @@ def peer_token_mask(viewer: int, peer: int, frame_characters: FrameGroups, masks
 
     The union of ``masks[peer][c]`` over the characters c of both frames (a character missing from
     ``masks[peer]`` contributes no token), then the share dropout: each True kept with probability 1 − p_share,
-    seeded with ``stable_seed(*seed_parts, "share", viewer, peer)``; ``seed_parts`` = (run_seed, step_key,
-    layer_key). p_share = 0 draws nothing. The same function serves in-batch peers and cached (bank) references.
+    seeded with ``stable_seed(*seed_parts, "share", viewer, peer)``; ``seed_parts`` = (run_seed, step_key, grid key)
+    in ``StorySyncState``. p_share = 0 draws nothing. The same function serves in-batch peers and cached (bank)
+    references.
     """
     if viewer == peer or not frames_share(frame_characters, viewer, peer):
         return None

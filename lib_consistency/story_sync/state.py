@@ -30,7 +30,9 @@ The token grid is the transformer's own (one level), so there is no ``MASK_LEVEL
 Reference subset (paper Eq. 13): with ``reference_frames`` set, only those frames are sources of sharing and RFH
 for the others. When they are generated in an earlier batch, their self-attention inputs, RFH features and masks are
 written to the bank (``BankMode.WRITE``) and later batches read them (``BankMode.READ``): memory flat in story
-length. Every random draw is seeded by (run seed, step, layer, purpose, frame).
+length. Every random draw is seeded by (run seed, step, place, purpose, frame): the place is the token grid for the
+mask and share dropouts (one draw per grid and step, so one sharing plan serves every layer of a grid) and the layer
+for the rest.
 """
 from __future__ import annotations
 

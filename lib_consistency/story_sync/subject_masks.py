@@ -14,7 +14,7 @@ Our choices:
 - only layers at one grid size are averaged; the mask is resized (nearest, exact index maps) to each
   self-attention grid;
 - mask dropout keeps each True position with probability 1 - p, one Bernoulli per (character, position), from one
-  generator seeded by the caller with ``stable_seed(run_seed, step, layer_key, "mask", frame)``.
+  generator seeded by the caller with ``stable_seed(run_seed, step, grid_key, "mask", frame)``.
 """
 from __future__ import annotations
 
