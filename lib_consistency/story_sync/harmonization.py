@@ -25,7 +25,10 @@ Batching (``harmonize_rows``): one layer call harmonises every cond row at once.
 positions of all target rows are the queries and the subject tokens of all sources (in-batch frames, bank entries)
 are the keys of one matrix product per query chunk; a 0 / −inf bias keeps each row to the sources it may read
 (never its own frame; Eq. 13's references). The gate is an Otsu threshold per row over that row's best cosines
-(``subject_masks.segment_otsu_thresholds``), so the result equals harmonising each row alone.
+(``subject_masks.segment_otsu_thresholds``), so the result equals harmonising each row alone. Characters stay a
+loop (our choice): batching them as well would score every character's queries against every other character's
+keys (masked out afterwards), up to C× the cosine products for C characters in disjoint regions, to save one fixed
+chain of kernels per character (most stories have one or two).
 
 Memory: one float32 unit-length copy of the n queries and of the m keys, scored in chunks of at most
 ``MATCH_CHUNK_ELEMENTS`` cosines (with their bias), so the peak is about 4·C·(n + m) bytes + 64 MB; at the SDXL

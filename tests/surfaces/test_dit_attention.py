@@ -96,14 +96,21 @@ def test_csa_joint_attention_equals_a_naive_float64_reference_with_each_frames_r
         assert torch.allclose(out[row, :TEXT].double(), naive(q[row, :, :TEXT], k[row], v[row]), atol=1e-5)
 
 
-def test_masked_sharing_equals_the_reference_and_ignores_peers_non_subject_tokens():
+def test_masked_sharing_equals_the_reference_and_ignores_peers_non_subject_tokens(monkeypatch):
     rows = layout((0, 1, 2))
     masks = {f: torch.zeros(GRID, dtype=torch.bool) for f in range(3)}
     masks[0][1:3, 1:3] = True
     masks[1][0, :] = True
     masks[2][2:, 3] = True
     q, k, v, _ = qkv(3, seed=1)
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(a[0].shape[2]) or original(*a, **kw))
     out = joint_attention(storysync_run(rows, masks), SHARED_BLOCK, q, k, v, TEXT)
+    # rows of three context lengths: text queries in one call, every row's image queries in one padded call
+    assert calls == [TEXT, q.shape[2] - TEXT]
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", original)
     for row in range(3):
         keys, values = [k[row]], [v[row]]
         for peer in (p for p in range(3) if p != row):
