@@ -49,7 +49,7 @@ class PaddedSharing:
     """Masked sharing of one layer call as one padded gather and one attention call (paper Eqs. 5-8).
 
     Every row's context is [own tokens ; each peer's tokens where its mask is True], padded to one length L (a
-    multiple of ``PAD_MULTIPLE``); ``visible`` (R, L) bool is False on the padding, so a key-padding mask makes the
+    multiple of ``PAD_MULTIPLE``; no padding when every row's context has the same length); ``visible`` (R, L) bool is False on the padding, so a key-padding mask makes the
     one call equal the per-row attention (a padded key gets weight exactly 0). ``index`` (R·L,) int64 on the device
     reads the contexts out of the sources ``[rows (R·N, C) ; extra sources (E·N, C)]``. Built on the CPU from CPU
     masks, once per UNet call, grid and layout (``StorySyncState``), then reused by every layer at that grid: a
@@ -120,7 +120,8 @@ def plan_masked_sharing(num_rows: int, num_tokens: int, peers: RowPeers, device:
     longest = int(lengths.max())
     if longest == num_tokens:  # every peer mask empty
         return None
-    length = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    equal = int(lengths.min()) == longest  # no padding: the host's own attention can run the call
+    length = longest if equal else -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
     where = visible.nonzero()  # (K, 3) in (row, slot, token) order: own first, then peers in the given order
     flat = torch.tensor(source)[where[:, 0], where[:, 1]] * num_tokens + where[:, 2]
     position = torch.arange(length)

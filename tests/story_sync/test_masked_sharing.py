@@ -252,3 +252,14 @@ def test_bad_peer_lists_are_refused():
         masked_peer_contexts(hidden, [[(1, random_mask(1)), (1, random_mask(2))], []])
     with pytest.raises(ValueError, match="2 rows"):
         masked_peer_contexts(hidden, [[]])
+
+
+def test_equal_context_lengths_need_no_padding_and_go_to_the_hosts_attention():
+    hidden = hidden_states(3)
+    first, second, third = (torch.zeros(TOKENS, dtype=torch.bool) for _ in range(3))
+    first[:3], second[4:7], third[1:4] = True, True, True  # three peer tokens for every row
+    (group,) = masked_peer_contexts(hidden, [[(1, first)], [(2, second)], [(0, third)]])
+    assert group.visible is None and group.context.shape[1] == TOKENS + 3
+    calls = []
+    attend_in_groups(lambda rows, context, *rest: calls.append(rest) or rows, hidden, [group])
+    assert calls == [()]  # the two-argument form: the host's own attention module
