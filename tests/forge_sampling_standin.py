@@ -94,9 +94,11 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
 
 
 def sampling_function(patcher, x, sigma, text_cond, text_uncond, cond_scale, image_cond=None, control=None):
-    """``sampling_function`` + ``sampling_function_inner``: conds compiled, the concat image and ControlNet on
+    """``sampling_function`` + ``sampling_function_inner``: conds compiled (the cond with its weight, as
+    ``compile_weighted_conditions`` does), the concat image and ControlNet on
     every entry, CFG (uncond dropped at CFG 1), then each ``sampler_post_cfg_function``."""
     cond, uncond = compile_conditions(text_cond), compile_conditions(text_uncond)
+    cond[0]["strength"] = 1.0  # compile_weighted_conditions: the AND weight on every cond entry
     for entry in cond + uncond:
         if image_cond is not None:
             entry["model_conds"]["c_concat"] = Condition(image_cond)

@@ -104,7 +104,7 @@ def oneactor_post_cfg(pending_for: Callable[[], Any], calc_batch: Callable, comp
             return denoised
         source = args["cond"][0] if args.get("cond") else {}
         predicted = pending.get("prediction")
-        if predicted is None or predicted.shape != uncond.shape or any(k in source for k in AREA_KEYS):
+        if predicted is None or predicted.shape != uncond.shape or _weighted(source):
             context, vector = pending["context"], pending["vector"]
             average = compile_conditions({"crossattn": context, "vector": vector} if vector is not None else context)
             for entry in average:
@@ -118,7 +118,11 @@ def oneactor_post_cfg(pending_for: Callable[[], Any], calc_batch: Callable, comp
     return post_cfg
 
 
-AREA_KEYS = ("area", "mask", "strength")  # a cond entry weighted per pixel: calc_cond_uncond_batch's own sum
+def _weighted(entry: dict) -> bool:
+    """A cond entry ``calc_cond_uncond_batch`` weights per pixel (an area, a mask, or an AND weight other than 1:
+    ``compile_weighted_conditions`` sets ``strength`` on every entry): its own sum is not the model's output."""
+    return "area" in entry or "mask" in entry or float(entry.get("strength", 1.0)) != 1.0
+
 FOLDABLE_KEYS = frozenset({"c_crossattn", "y", "c_concat", "transformer_options"})
 
 
