@@ -5,12 +5,14 @@ Neither host tells an attention layer what its batch rows are, and the two hosts
 
 - A1111 1.10 (`CFGDenoiser.forward`, hosts.md §4.1): ``x_in`` holds the cond rows image by image (image i
   repeated ``repeats[i]`` times, one row per AND sub-prompt), then B uncond rows, then for an edit model with
-  image-CFG B image-uncond rows. The host issues these rows to the UNet *in that order*: in one call, in calls of
+  image-CFG B image-uncond rows. OneActor's η2 rows (``c + Δ_avg``, one per image) ride between the cond and the
+  uncond rows when it folds them into the host's call (``A1111RowCursor.insert_after_cond``). The host issues these rows to the UNet *in that order*: in one call, in calls of
   B rows, as cond chunks followed by one uncond call (different token lengths), or cond rows only (uncond skipped
   after the ``on_cfg_denoiser`` callback). ``a1111_step_plan`` builds the per-step plan in that callback and an
   ``A1111RowCursor`` hands each UNet call the next slice of it (hosts.md §4.3).
 - Forge (hosts.md §4.2, §6.2): ``extra_options['cond_or_uncond']`` gives one role per chunk of B rows
-  (B = ``len(extra_options['sigmas'])``), usually uncond first; ``forge_row_layout`` reads it.
+  (B = ``len(extra_options['sigmas'])``), usually uncond first; ``forge_row_layout`` reads it. A chunk marked
+  ``FORGE_OTHER_CHUNK`` (2; OneActor's η2 rows folded into the call, ``hosts/forge.py``) holds rows of role OTHER.
 
 Anything that does not fit gives ``UNKNOWN_LAYOUT``; every attention hook then passes through unchanged.
 """
@@ -23,7 +25,8 @@ from typing import NamedTuple, Sequence
 
 
 class Role(enum.Enum):
-    """CFG role of a row. ``OTHER`` (an edit model's image-uncond rows) never shares attention."""
+    """CFG role of a row. ``OTHER`` (an edit model's image-uncond rows, OneActor's η2 rows) never shares
+    attention."""
 
     COND = "cond"
     UNCOND = "uncond"
@@ -73,18 +76,23 @@ def batch_image_frames(frames: Frames, batch_size: int) -> tuple[int, ...]:
     return tuple(frames)
 
 
-def a1111_step_plan(repeats: Sequence[int], frame_offset: Frames, edit_model_uncond: bool = False) -> RowLayout:
+def a1111_step_plan(repeats: Sequence[int], frame_offset: Frames, edit_model_uncond: bool = False,
+                    other_after_cond: bool = False) -> RowLayout:
     """All rows ``CFGDenoiser.forward`` builds for one denoiser call, in host order (hosts.md §4.1).
 
     ``repeats[i]``: number of AND sub-prompts of image i (B = len(repeats)); ``frame_offset``:
     ``p.iteration * p.batch_size``, or the B frames of the batch; ``edit_model_uncond``: an InstructPix2Pix model
-    with image-CFG adds B image-uncond rows (role OTHER).
+    with image-CFG adds B image-uncond rows (role OTHER); ``other_after_cond``: B rows of role OTHER, one per image,
+    between the cond and the uncond rows (OneActor's folded η2 rows).
     """
     if any(n < 1 for n in repeats):
         raise ValueError(f"a1111_step_plan: every image needs at least one cond row, got repeats={list(repeats)}")
     images = batch_image_frames(frame_offset, len(repeats))
     frames = [frame for frame, n in zip(images, repeats) for _ in range(n)]
     roles = [Role.COND] * len(frames)
+    if other_after_cond:
+        frames += images
+        roles += [Role.OTHER] * len(images)
     frames += images
     roles += [Role.UNCOND] * len(images)
     if edit_model_uncond:
@@ -112,10 +120,23 @@ class A1111RowCursor:
         self._next_row = 0
 
     def drop_uncond(self) -> None:
-        """Cut the plan after its cond rows (the host skipped the uncond for this step)."""
+        """Cut the plan before its uncond rows (the host skipped the uncond for this step: ``x_in`` loses its last
+        B rows, which are the uncond rows whenever the uncond can be skipped)."""
         roles = self._plan.roles
-        cond_rows = next((i for i, role in enumerate(roles) if role is not Role.COND), len(roles))
-        self._plan = self._plan.rows(0, cond_rows) if self._plan.known else UNKNOWN_LAYOUT
+        uncond = next((i for i, role in enumerate(roles) if role is Role.UNCOND), len(roles))
+        self._plan = self._plan.rows(0, uncond) if self._plan.known else UNKNOWN_LAYOUT
+
+    def insert_after_cond(self, frames: Sequence[int]) -> None:
+        """Rows of role OTHER for ``frames`` (one per image) right after the plan's cond rows: another callback of
+        this step put them there in the host's rows (OneActor's folded η2 rows). Before any UNet call of the step;
+        an unknown plan stays unknown."""
+        if not self._plan.known or self._next_row:
+            self._plan, self._next_row = UNKNOWN_LAYOUT, 0
+            return
+        roles = self._plan.roles
+        at = next((i for i, role in enumerate(roles) if role is not Role.COND), len(roles))
+        self._plan = RowLayout(self._plan.frames[:at] + tuple(frames) + self._plan.frames[at:],
+                               roles[:at] + (Role.OTHER,) * len(frames) + roles[at:])
 
     def next_call(self, num_rows: int) -> RowLayout:
         stop = self._next_row + num_rows
@@ -134,14 +155,16 @@ def forge_row_layout(cond_or_uncond: Sequence[int], batch_size: int, num_rows: i
                      frame_offset: Frames) -> RowLayout:
     """Layout of a Forge UNet call from ``extra_options`` (hosts.md §4.2).
 
-    Row r is chunk ``r // B``, image ``r % B``, role ``cond_or_uncond[r // B]`` (0 = cond, 1 = uncond), with
+    Row r is chunk ``r // B``, image ``r % B``, role ``cond_or_uncond[r // B]`` (0 = cond, 1 = uncond,
+    ``FORGE_OTHER_CHUNK`` = other), with
     ``B = len(extra_options['sigmas'])``; ``frame_offset``: the batch's first frame, or its B frames. Cached: Forge
     patches rebuild the layout on every attention call.
     """
     return _forge_row_layout(tuple(cond_or_uncond), batch_size, num_rows, frame_offset)
 
 
-_FORGE_ROLES = {0: Role.COND, 1: Role.UNCOND}
+FORGE_OTHER_CHUNK = 2  # not the host's: a chunk of rows that are neither its cond nor its uncond (OneActor's η2)
+_FORGE_ROLES = {0: Role.COND, 1: Role.UNCOND, FORGE_OTHER_CHUNK: Role.OTHER}
 
 
 @functools.lru_cache(maxsize=64)

@@ -6,19 +6,26 @@ patcher, registers our patches and assigns the clone back, so repeated calls nev
 The patches themselves (what each method does to an attention call) are the surface ``surfaces/forge_patches.py``;
 attention is Forge's ``backend.attention.attention_function`` (the kernel chosen at start-up), passed in. Forge Neo
 takes the same patches; only the memory kept free for the shared attention is asked for another way
-(``reserve_shared_attention_memory``, by capability). OneActor's η2 term is a post-CFG function
-(``patch_oneactor``).
+(``reserve_shared_attention_memory``, by capability). OneActor's η2 rows ride in the model call that holds the cond
+rows (a model function wrapper) and their term is subtracted by a post-CFG function (``patch_oneactor``).
 """
 from __future__ import annotations
 
 import logging
 from typing import Any, Callable, Sequence
 
+import torch
+
+from ..common.row_layout import FORGE_OTHER_CHUNK
 from ..surfaces.forge_patches import (TRANSFORMER_OPTION, Attention, ForgeRunState, Patch, csa_replace, ipca_replace,
                                       plain_call, set_replace_all, storysync_output_patch, storysync_replace,
                                       with_subject_maps)
+from .oneactor.eta2 import second_call_forced
 
 log = logging.getLogger(__name__)
+WRAPPER = "model_function_wrapper"
+WRAPPED_OPTION = "consistent_story_wrapped_patches"  # other extensions' patches our story patches call inside ours
+_PACKAGE = __name__.split(".hosts.")[0] + "."  # our patches' modules
 
 
 def is_forge(p) -> bool:
@@ -58,10 +65,12 @@ def patch_unet(p, generation, attention: Attention, latent_shape: Sequence[int] 
     unet.set_transformer_option(TRANSFORMER_OPTION, ForgeRunState(generation.csa, generation.ipca,
                                                                   generation.plan.batch_frames(p.iteration),
                                                                   storysync, getattr(generation, "reach", None)))
+    wrapped: list[str] = []
     if generation.csa is not None or storysync is not None:
         attn1 = storysync_replace if storysync is not None else csa_replace
         for name in set_replace_all(unet, "attn1", lambda foreign: attn1(attention, foreign)):
             log.info("self-attention patch %s kept under ours", name)
+            wrapped.append(name)
         rate = 1.0 if storysync is not None else generation.settings.csa_rate
         reserve_shared_attention_memory(unet, 1 + rate * (generation.plan.batch_size - 1), latent_shape)
     if storysync is not None:
@@ -73,6 +82,8 @@ def patch_unet(p, generation, attention: Attention, latent_shape: Sequence[int] 
     if generation.ipca is not None or storysync is not None:
         for name in set_replace_all(unet, "attn2", attn2):
             log.info("cross-attention patch %s kept under ours", name)
+            wrapped.append(name)
+    unet.set_transformer_option(WRAPPED_OPTION, tuple(wrapped))  # read by OneActor's fold (foreign_row_readers)
     p.sd_model.forge_objects.unet = unet
 
 
@@ -81,33 +92,135 @@ def oneactor_post_cfg(pending_for: Callable[[], Any], calc_batch: Callable, comp
 
     Host contract (``backend/sampling/sampling_function.py``): called after CFG with ``denoised``, the compiled
     ``cond`` list, ``uncond_denoised`` (None when CFG 1 dropped the uncond), ``input``, ``sigma``, ``model`` and
-    ``model_options``. ``pending_for()`` takes this step's η2 inputs set by ``on_cfg_denoiser`` (None outside the
-    window); the η2 rows run through ``calc_cond_uncond_batch`` like the host's own cond rows, with the cond's
-    ControlNet and concat image."""
+    ``model_options``. ``pending_for()`` takes this step's η2 rows set by ``on_cfg_denoiser`` (None outside the
+    window). Their prediction is the one the fold wrapper took from the model call of the cond rows
+    (``pending["prediction"]``); without it (the call could not take them) the η2 rows run through
+    ``calc_cond_uncond_batch`` like the host's own cond rows, with the cond's ControlNet and concat image (the
+    unfolded form)."""
     def post_cfg(args):
         pending = pending_for()
         denoised, uncond = args["denoised"], args.get("uncond_denoised")
         if pending is None or uncond is None:
             return denoised
-        context, vector = pending["context"], pending["vector"]
-        average = compile_conditions({"crossattn": context, "vector": vector} if vector is not None else context)
         source = args["cond"][0] if args.get("cond") else {}
-        for entry in average:
-            if "control" in source:
-                entry["control"] = source["control"]
-            if "c_concat" in source.get("model_conds", {}):
-                entry["model_conds"]["c_concat"] = source["model_conds"]["c_concat"]
-        predicted, _ = calc_batch(args["model"], average, None, args["input"], args["sigma"], args["model_options"])
+        predicted = pending.get("prediction")
+        if predicted is None or predicted.shape != uncond.shape or _weighted(source):
+            context, vector = pending["context"], pending["vector"]
+            average = compile_conditions({"crossattn": context, "vector": vector} if vector is not None else context)
+            for entry in average:
+                if "control" in source:
+                    entry["control"] = source["control"]
+                if "c_concat" in source.get("model_conds", {}):
+                    entry["model_conds"]["c_concat"] = source["model_conds"]["c_concat"]
+            predicted, _ = calc_batch(args["model"], average, None, args["input"], args["sigma"],
+                                      args["model_options"])
         return denoised - pending["batch"].eta2 * (predicted - uncond)
     return post_cfg
 
 
-def patch_oneactor(p, pending_for: Callable[[], Any]) -> None:
-    """Clone the current UNet patcher and add the η2 post-CFG function (from ``process_before_every_sampling``)."""
+def _weighted(entry: dict) -> bool:
+    """A cond entry ``calc_cond_uncond_batch`` weights per pixel (an area, a mask, or an AND weight other than 1:
+    ``compile_weighted_conditions`` sets ``strength`` on every entry): its own sum is not the model's output."""
+    return "area" in entry or "mask" in entry or float(entry.get("strength", 1.0)) != 1.0
+
+FOLDABLE_KEYS = frozenset({"c_crossattn", "y", "c_concat", "transformer_options"})
+
+
+def _patch_name(function) -> str:
+    return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', type(function).__name__)}"
+
+
+def foreign_row_readers(options: dict) -> list[str]:
+    """Other extensions' attention and block patches in a call's ``transformer_options`` (those our story patches
+    wrap included): they may read ``cond_or_uncond`` / ``cond_indices`` as the host's two roles only."""
+    names = list(options.get(WRAPPED_OPTION, ()))
+    for patches in options.get("patches_replace", {}).values():
+        names += [_patch_name(f) for f in patches.values() if not getattr(f, "__module__", "").startswith(_PACKAGE)]
+    for patches in options.get("patches", {}).values():
+        names += [_patch_name(f) for f in patches if not getattr(f, "__module__", "").startswith(_PACKAGE)]
+    return sorted(set(names))
+
+
+def fold_eta2_call(args: dict, context: torch.Tensor) -> dict | None:
+    """The ``model_function_wrapper`` args of one Forge model call with OneActor's η2 rows appended as one more
+    chunk, or None where this call cannot take them (it holds no cond chunk, or something not extendable row-wise).
+
+    args: ``{"input": [n·B, C, H, W], "timestep": [n·B], "c": {...}, "cond_or_uncond": n entries}``; context: the
+    η2 rows' text context [B, T, D]. The chunk copies the cond chunk's x, timestep, ``y`` (SDXL: the cond's pooled
+    vector, which the η2 rows share) and ``c_concat``; its ``c_crossattn`` is ``context``, repeated to the call's
+    token length as the host's ``ConditionCrossAttn.concat`` does. ``cond_or_uncond`` gets ``FORGE_OTHER_CHUNK`` for
+    it (our patches see rows of role OTHER), ``cond_mark`` 0 (cond prompts, for row-wise readers of it);
+    ``cond_indices``/``uncond_indices`` stay the host's. Refused: a ``control`` (ControlNet's residuals are built for
+    the host's rows), any other key, other extensions' patches (``foreign_row_readers``)."""
+    chunks, x, timestep, c = list(args.get("cond_or_uncond", ())), args["input"], args["timestep"], args["c"]
+    if chunks.count(0) != 1 or x.shape[0] % len(chunks) or set(c) - FOLDABLE_KEYS:
+        return None
+    rows = x.shape[0] // len(chunks)
+    options = c.get("transformer_options", {})
+    if context.shape[0] != rows or timestep.shape[0] != x.shape[0] or foreign_row_readers(options):
+        return None
+    at = slice(chunks.index(0) * rows, (chunks.index(0) + 1) * rows)
+    folded = {}
+    for key, value in c.items():
+        if key == "transformer_options":
+            continue
+        if not isinstance(value, torch.Tensor) or value.shape[0] != x.shape[0]:
+            return None
+        if key == "c_crossattn":
+            if value.shape[1] % context.shape[1]:
+                return None
+            extra = context.to(value).repeat(1, value.shape[1] // context.shape[1], 1)
+        else:
+            extra = value[at]
+        folded[key] = torch.cat([value, extra])
+    if "c_crossattn" not in folded:
+        return None
+    options = {**options, "cond_or_uncond": chunks + [FORGE_OTHER_CHUNK]}
+    if isinstance(options.get("cond_mark"), torch.Tensor):
+        options["cond_mark"] = torch.cat([options["cond_mark"], options["cond_mark"].new_zeros(rows)])
+    folded["transformer_options"] = options
+    return {**args, "input": torch.cat([x, x[at]]), "timestep": torch.cat([timestep, timestep[at]]), "c": folded,
+            "cond_or_uncond": chunks + [FORGE_OTHER_CHUNK]}
+
+
+def oneactor_fold_wrapper(peek: Callable[[], Any], foreign: Callable | None):
+    """``model_function_wrapper`` folding this step's η2 rows (``peek()``: the pending rows, not taken) into the
+    model call that holds the cond chunk; their prediction goes to ``pending["prediction"]`` for the post-CFG
+    function, the host gets its own rows' output. Host contract (``calc_cond_uncond_batch``): called for every
+    model call as ``wrapper(model.apply_model, {"input", "timestep", "c", "cond_or_uncond"})`` and its output
+    chunked by ``cond_or_uncond``. ``foreign``: the wrapper another extension had set, called inside ours."""
+    def call(apply_model, args):
+        if foreign is not None:
+            return foreign(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def wrapper(apply_model, args):
+        pending = peek()
+        folded = None
+        if pending is not None and "prediction" not in pending and not second_call_forced():
+            folded = fold_eta2_call(args, pending["context"])
+        if folded is None:
+            return call(apply_model, args)
+        out = call(apply_model, folded)
+        rows = args["input"].shape[0]
+        pending["prediction"] = out[rows:]
+        return out[:rows]
+    wrapper.consistent_story_oneactor = True
+    return wrapper
+
+
+def patch_oneactor(p, pending_for: Callable[[], Any], peek: Callable[[], Any] | None = None,
+                   latent_shape: Sequence[int] | None = None) -> None:
+    """Clone the current UNet patcher, add the η2 post-CFG function and (with ``peek``) the fold wrapper around any
+    wrapper already set, assign it back (from ``process_before_every_sampling``). The fold makes the call of the
+    cond rows 1.5 times as large: that memory is asked for like the shared attention's."""
     from backend.sampling.condition import compile_conditions
     from backend.sampling.sampling_function import calc_cond_uncond_batch
 
     unet = p.sd_model.forge_objects.unet.clone()
     unet.set_model_sampler_post_cfg_function(oneactor_post_cfg(pending_for, calc_cond_uncond_batch,
                                                                compile_conditions))
+    if peek is not None:
+        unet.model_options[WRAPPER] = oneactor_fold_wrapper(peek, unet.model_options.get(WRAPPER))
+        reserve_shared_attention_memory(unet, 1.5, latent_shape)
     p.sd_model.forge_objects.unet = unet

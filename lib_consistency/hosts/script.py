@@ -39,7 +39,7 @@ class ConsistentStoryScript(scripts.Script):
         with kept(p, "patching the UNet for the story (process_before_every_sampling)"):
             pipeline.process_before_every_sampling(p, kwargs.get("x"))
         with kept(p, "patching the UNet for OneActor (process_before_every_sampling)"):
-            oneactor.process_before_every_sampling(p)
+            oneactor.process_before_every_sampling(p, kwargs.get("x"))
 
     def process(self, p, *args):
         with kept(p, "preparing the story's prompts (process)"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_consistency.common.row_layout import (UNKNOWN_LAYOUT, A1111RowCursor, Role, RowLayout, a1111_step_plan,
-                                               forge_row_layout, token_grid)
+from lib_consistency.common.row_layout import (FORGE_OTHER_CHUNK, UNKNOWN_LAYOUT, A1111RowCursor, Role, RowLayout,
+                                               a1111_step_plan, forge_row_layout, token_grid)
 
 C, U, O = Role.COND, Role.UNCOND, Role.OTHER
 
@@ -72,6 +72,45 @@ def test_drop_uncond_makes_an_extra_call_unknown():
     assert cursor.next_call(2) is UNKNOWN_LAYOUT  # e.g. PAG's extra call, not the uncond rows
 
 
+@pytest.mark.parametrize("repeats, offset, edit", [
+    ([1], 0, False), ([1, 1, 1], 6, False), ([2, 1, 3], 2, False), ([1, 1], 4, True), ([3], 9, True)])
+def test_inserting_other_rows_after_cond_equals_the_plan_built_with_them(repeats, offset, edit):
+    frames = tuple(offset + i for i in range(len(repeats)))
+    cursor, _ = _cursor(repeats, offset, edit)
+    cursor.insert_after_cond(frames)
+    expected = a1111_step_plan(repeats, offset, edit, other_after_cond=True)
+    assert cursor.next_call(expected.num_rows) == expected
+    cond = sum(repeats)
+    assert expected.roles[cond:cond + len(repeats)] == (O,) * len(repeats)
+    assert expected.frames[cond:cond + len(repeats)] == frames
+
+
+def test_folded_eta2_rows_in_the_hosts_call_shapes():
+    """One call of 3B rows; calls of B rows (batch_cond_uncond off); [cond ; η2] then uncond (token lengths)."""
+    for calls, roles in (([6], [(C, C, O, O, U, U)]), ([2, 2, 2], [(C, C), (O, O), (U, U)]),
+                         ([4, 2], [(C, C, O, O), (U, U)])):
+        cursor, _ = _cursor([1, 1], frame_offset=3)
+        cursor.insert_after_cond((3, 4))
+        layouts = [cursor.next_call(rows) for rows in calls]
+        assert [layout.roles for layout in layouts] == roles
+        assert all(layout.frames == (3, 4) * (len(layout.roles) // 2) for layout in layouts)
+
+
+def test_drop_uncond_keeps_the_other_rows_after_cond_and_insert_mid_step_derails():
+    cursor, _ = _cursor([1, 1])
+    cursor.insert_after_cond((0, 1))
+    cursor.drop_uncond()
+    assert cursor.next_call(4).roles == (C, C, O, O)
+    assert cursor.next_call(2) is UNKNOWN_LAYOUT
+    cursor, _ = _cursor([1, 1])
+    cursor.next_call(2)
+    cursor.insert_after_cond((0, 1))  # after a UNet call of the step: the rows cannot be placed
+    assert cursor.next_call(2) is UNKNOWN_LAYOUT
+    cursor = A1111RowCursor()
+    cursor.insert_after_cond((0, 1))
+    assert cursor.next_call(2) is UNKNOWN_LAYOUT
+
+
 def test_different_token_lengths_cond_chunks_then_uncond_call():
     cursor, _ = _cursor([2, 2])  # 4 cond rows issued in chunks of B=2, then the uncond call
     calls = [cursor.next_call(2) for _ in range(3)]
@@ -123,6 +162,11 @@ def test_forge_cond_first_and_cfg1_cond_only():
     assert (layout.frames, layout.roles) == ((0, 1), (C, C))
 
 
+def test_forge_other_chunk_is_other_rows_of_the_batch_frames():
+    layout = forge_row_layout([1, 0, FORGE_OTHER_CHUNK], 2, 6, (4, 7))
+    assert layout.roles == (U, U, C, C, O, O) and layout.frames == (4, 7) * 3
+
+
 def test_forge_and_slots_are_extra_cond_chunks():
     layout = forge_row_layout([1, 0, 0], 2, 6, 0)
     assert layout.frames == (0, 1, 0, 1, 0, 1)
@@ -132,7 +176,7 @@ def test_forge_and_slots_are_extra_cond_chunks():
 @pytest.mark.parametrize("cond_or_uncond, batch_size, num_rows", [
     ([1, 0], 2, 5),  # not a multiple of B
     ([1, 0], 2, 6),  # a multiple of B, but three chunks for two entries
-    ([1, 2], 2, 4),  # unexpected value
+    ([1, 3], 2, 4),  # unexpected value
     ([], 2, 0),
     ([0], 0, 0),
 ])

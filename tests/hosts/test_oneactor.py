@@ -10,6 +10,7 @@ import torch
 
 from lib_consistency.oneactor.character_file import Character, save_character
 from lib_consistency.settings import Settings
+from tests.a1111_cfg_standin import CFGDenoiserStandIn, DictWithShape, toy_inner_model
 from tests.conftest import tiny_clip_text_model
 from tests.fake_webui import ToyModel, ToyProcessing, install_stub_modules, parse_prompt
 
@@ -44,47 +45,46 @@ def processing(model, prompts, **settings):
     return p
 
 
-def inner_model(model):
-    unet = model.model.diffusion_model
-
-    def call(x, sigma, cond):
-        with torch.no_grad():
-            return x - 0.05 * sigma[:, None, None, None] * unet(x, None, context=cond["c_crossattn"][0])
-    return call
+def inner_model(model, calls=None):
+    return toy_inner_model(model.model.diffusion_model, [] if calls is None else calls)
 
 
-def sample(oneactor, p, settings=None, callbacks=True):
-    """A1111's ``CFGDenoiser.forward`` per step: [cond ; uncond] rows, on_cfg_denoiser, one UNet call,
-    on_cfg_denoised, CFG, on_cfg_after_cfg. Returns the final latent and the cond each step used."""
+def sample(oneactor, p, settings=None, callbacks=True, calls=None, cond=None, uncond=None, before_denoiser=None,
+           after_denoiser=None):
+    """Steps of A1111's ``CFGDenoiser.forward`` (``tests/a1111_cfg_standin.py``) with OneActor's callbacks (or
+    none), the host options of the stub ``shared.opts``. Returns the final latent and the cond each step's UNet
+    calls used (after the callbacks). ``calls``: each inner-model call's row count; ``cond``/``uncond``: instead of
+    the prompts' encodings (an SDXL dict is handed over as a fresh ``DictWithShape`` each step, as the host builds
+    it); ``before_denoiser``/``after_denoiser``: other ``on_cfg_denoiser`` callbacks (the story pipeline's runs
+    before OneActor's)."""
+    from modules import shared
     model = p.sd_model
     if callbacks:
         oneactor.remember_settings(p, settings or Settings(), None)
         oneactor.activate(p)
     texts = [parse_prompt(text)[0] for text in p.all_prompts]
-    cond, uncond = model.cond_stage_model.encode(texts), model.cond_stage_model.encode([""] * len(texts))
+    cond = model.cond_stage_model.encode(texts) if cond is None else cond
+    uncond = model.cond_stage_model.encode([""] * len(texts)) if uncond is None else uncond
     x = torch.randn(len(texts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    image_cond, inner, used = torch.zeros(len(texts), 5, 1, 1), inner_model(model), []
-    for step in range(STEPS):
-        sigma = torch.full((len(texts),), 10.0 - step)
-        params = types.SimpleNamespace(x=torch.cat([x, x]), image_cond=torch.cat([image_cond, image_cond]),
-                                       sigma=torch.cat([sigma, sigma]), sampling_step=step, total_sampling_steps=STEPS,
-                                       text_cond=cond, text_uncond=uncond,
-                                       denoiser=types.SimpleNamespace(p=p, step=step, total_steps=STEPS, mask=None))
+    image_cond, used = torch.zeros(len(texts), 5, 1, 1), []
+
+    def on_cfg_denoiser(params):
+        if before_denoiser is not None:
+            before_denoiser(params)
         if callbacks:
             oneactor.on_cfg_denoiser(params)
+        if after_denoiser is not None:
+            after_denoiser(params)
         used.append(params.text_cond)
-        x_out = inner(params.x, params.sigma, {"c_crossattn": [torch.cat([params.text_cond, uncond])],
-                                               "c_concat": [params.image_cond]})
-        denoised_params = types.SimpleNamespace(x=x_out, sampling_step=step, total_sampling_steps=STEPS,
-                                                inner_model=inner)
-        if callbacks:
-            oneactor.on_cfg_denoised(denoised_params)
-        b = len(texts)
-        denoised = x_out[b:] + p.cfg_scale * (x_out[:b] - x_out[b:])
-        after = types.SimpleNamespace(x=denoised, sampling_step=step, total_sampling_steps=STEPS)
-        if callbacks:
-            oneactor.on_cfg_after_cfg(after)
-        x = x + 0.5 * (after.x - x)
+    hooks = types.SimpleNamespace(on_cfg_denoiser=on_cfg_denoiser,
+                                  on_cfg_denoised=lambda params: callbacks and oneactor.on_cfg_denoised(params),
+                                  on_cfg_after_cfg=lambda params: callbacks and oneactor.on_cfg_after_cfg(params))
+    empty = model.cond_stage_model.encode([""])
+    denoiser = CFGDenoiserStandIn(p, inner_model(model, calls), shared.opts, hooks, empty, STEPS)
+    for step in range(STEPS):
+        sigma = torch.full((len(texts),), 10.0 - step)
+        now, negative = (DictWithShape(c) if isinstance(c, dict) else c for c in (cond, uncond))
+        x = x + 0.5 * (denoiser.forward(x, sigma, negative, now, p.cfg_scale, image_cond) - x)
     if callbacks:
         oneactor.deactivate(p)
     return x, used
@@ -281,3 +281,149 @@ def test_the_tab_shows_the_preview_from_its_file(host, monkeypatch):
     saved = folder / "hero.preview.png"
     assert preview.already_saved_as == str(saved) and saved.read_bytes() == picture.getvalue()
     assert "Saved <b>hero</b>" in status and "hero" in listing
+
+
+# ------------------------------------------------------------------ η2 rows in the host's own UNet call (A1111)
+
+TWO_IMAGES = ["<oneactor:hero> a hobbit in a forest", "a hobbit at sea"]
+PAPER = Settings(oneactor_eta2=1.0)  # window 2/3: steps 0 and 1 of 3
+
+
+def folded_and_second_call(oneactor, model, monkeypatch, **kwargs):
+    """The same generation folded and with the second call forced (the testing switch); each with its calls."""
+    runs = []
+    for forced in (False, True):
+        with monkeypatch.context() as patch:
+            if forced:
+                patch.setenv(eta2_module().SECOND_CALL_ENV, "1")
+            calls = []
+            out, _ = sample(oneactor, processing(model, TWO_IMAGES), PAPER, calls=calls, **kwargs)
+            runs.append((out, calls))
+    return runs
+
+
+def eta2_module():
+    return importlib.import_module("lib_consistency.hosts.oneactor.eta2")
+
+
+def sdxl_conds(model):
+    g = torch.Generator().manual_seed(5)
+    texts = [parse_prompt(text)[0] for text in TWO_IMAGES]
+    cond = {"crossattn": model.cond_stage_model.encode(texts), "vector": torch.randn(2, 8, generator=g)}
+    uncond = {"crossattn": model.cond_stage_model.encode(["", ""]), "vector": torch.randn(2, 8, generator=g)}
+    return cond, uncond
+
+
+@pytest.mark.parametrize("path, folded_calls, second_calls", [
+    # [cond ; η2 ; uncond] in one call inside the window (steps 0, 1), then the host's own [cond ; uncond]
+    ("one call", [6, 6, 4], [4, 2, 4, 2, 4]),
+    # batch_cond_uncond off: calls of B rows (cond, η2, uncond): as many calls as the second-call form
+    ("calls of B rows", [2, 2, 2] * 2 + [2, 2], [2, 2, 2] * 2 + [2, 2]),
+    # the host's per-chunk loop over the cond rows (now cond and η2), then its uncond call
+    ("token lengths differ", [4, 2] * 2 + [2, 2], [2, 2, 2] * 2 + [2, 2]),
+    ("sdxl dict", [6, 6, 4], [4, 2, 4, 2, 4]),
+])
+def test_folded_eta2_rows_equal_the_second_call_on_every_host_path(host, monkeypatch, path, folded_calls,
+                                                                    second_calls):
+    oneactor, model, folder = host
+    character(folder)
+    from modules import shared
+    kwargs = {}
+    if path == "calls of B rows":
+        monkeypatch.setattr(shared.opts, "batch_cond_uncond", False, raising=False)
+    elif path == "token lengths differ":
+        empty = model.cond_stage_model.encode(["", ""])
+        kwargs["uncond"] = torch.cat([empty, empty], dim=1)  # a negative prompt of two chunks
+    elif path == "sdxl dict":
+        kwargs["cond"], kwargs["uncond"] = sdxl_conds(model)
+    (folded, calls), (second, unfolded_calls) = folded_and_second_call(oneactor, model, monkeypatch, **kwargs)
+    assert (calls, unfolded_calls) == (folded_calls, second_calls)
+    assert torch.allclose(folded, second, atol=1e-5, rtol=1e-5)
+    plain, _ = sample(oneactor, processing(model, TWO_IMAGES), callbacks=False, **kwargs)
+    assert not torch.allclose(folded, plain, atol=1e-3)  # the η2 term is there
+
+
+@pytest.mark.parametrize("path", ["controlnet mark", "padded cond"])
+def test_where_folding_is_unsafe_the_second_call_gives_the_result(host, monkeypatch, path):
+    oneactor, model, folder = host
+    character(folder)
+    from modules import shared
+    texts = [parse_prompt(text)[0] for text in TWO_IMAGES]
+    cond, empty = model.cond_stage_model.encode(texts), model.cond_stage_model.encode(["", ""])
+    if path == "controlnet mark":  # sd-webui-controlnet's first context token: +1024 cond, -1024 uncond
+        mark = torch.full((2, 1, cond.shape[-1]), 1024.0)
+        kwargs = dict(cond=torch.cat([mark, cond], dim=1), uncond=torch.cat([-mark, empty], dim=1))
+    else:  # pad_cond_uncond pads a cond shorter than the negative prompt: the η2 rows would be padded too
+        monkeypatch.setattr(shared.opts, "pad_cond_uncond", True, raising=False)
+        kwargs = dict(uncond=torch.cat([empty, empty], dim=1))
+    (unfolded, calls), (second, _) = folded_and_second_call(oneactor, model, monkeypatch, **kwargs)
+    assert calls == [4, 2, 4, 2, 4]  # the host's one call, then the η2 rows' own call inside the window
+    assert torch.equal(unfolded, second)
+
+
+def test_refusals_name_edit_models_and_unknown_cond_keys(host):
+    eta2 = eta2_module()
+    params = types.SimpleNamespace(x=torch.zeros(6, 4, 8, 8), sigma=torch.zeros(6), image_cond=torch.zeros(6, 5, 1, 1),
+                                   text_uncond=torch.zeros(2, 77, 8))
+    opts = types.SimpleNamespace()
+    assert "6 rows for 2 images" in eta2.fold_refusal(params, torch.zeros(2, 77, 8), None, 2, opts)
+    params.x, params.sigma, params.image_cond = params.x[:4], params.sigma[:4], params.image_cond[:4]
+    assert eta2.fold_refusal(params, torch.zeros(2, 77, 8), None, 2, opts) is None
+    cond = {"crossattn": torch.zeros(2, 77, 8), "vector": torch.zeros(2, 4), "guidance": torch.zeros(2)}
+    assert "cond keys" in eta2.fold_refusal(params, cond, None, 2, opts)
+
+
+def test_eta2_zero_outside_the_window_and_skipped_uncond_leave_the_hosts_rows(host, monkeypatch):
+    oneactor, model, folder = host
+    character(folder)
+    plain, _ = sample(oneactor, processing(model, TWO_IMAGES), callbacks=False)
+    for settings in (Settings(oneactor_eta2=0.0, oneactor_v=0.0), Settings(oneactor_eta2=1.0, oneactor_window=0.0)):
+        calls = []
+        out, _ = sample(oneactor, processing(model, TWO_IMAGES), settings, calls=calls)
+        assert calls == [4, 4, 4] and torch.equal(out, plain)
+    from modules import shared
+    monkeypatch.setattr(shared.opts, "skip_early_cond", 0.5)  # steps 0 and 1: cond rows only, no η2 term
+    calls = []
+    sample(oneactor, processing(model, TWO_IMAGES), PAPER, calls=calls)
+    assert calls == [2, 2, 4]
+
+
+def test_the_story_row_plan_gets_the_folded_rows_as_other_rows(host):
+    from lib_consistency.common.row_layout import A1111RowCursor, Role, a1111_step_plan
+    from lib_consistency.hosts.pipeline import RUN_ATTRIBUTE
+    oneactor, model, folder = host
+    character(folder)
+    p = processing(model, TWO_IMAGES)
+    story = types.SimpleNamespace(sampling=True, cursor=A1111RowCursor(), conditioning=None, batch_contexts=None,
+                                  plan=types.SimpleNamespace(batch_frames=lambda i: (0, 1), batch_count=1))
+    setattr(p, RUN_ATTRIBUTE, story)
+    layouts = []
+
+    class Calls(list):  # the row cursor's UNet pre-hook (hosts/a1111.py): each call takes its rows of the plan
+        def append(self, rows):
+            layouts.append(story.cursor.next_call(rows))
+    sample(oneactor, p, PAPER, calls=Calls(),
+           before_denoiser=lambda params: story.cursor.start_step(a1111_step_plan([1, 1], (0, 1))))
+    C, U, O = Role.COND, Role.UNCOND, Role.OTHER
+    assert [layout.roles for layout in layouts] == [(C, C, O, O, U, U)] * 2 + [(C, C, U, U)]
+    assert all(layout.known and layout.frames == (0, 1) * (layout.num_rows // 2) for layout in layouts)
+
+
+def test_rows_changed_after_ours_stop_the_step_and_leave_nothing_behind(host):
+    oneactor, model, folder = host
+    character(folder)
+
+    def undo_fold(params):  # another extension after ours drops rows it does not know
+        if params.x.shape[0] == 6:
+            params.x, params.sigma = torch.cat([params.x[:2], params.x[4:]]), torch.cat([params.sigma[:2],
+                                                                                         params.sigma[4:]])
+            params.image_cond, params.text_cond = params.image_cond[:4], params.text_cond[:2]
+    p = processing(model, TWO_IMAGES)
+    with pytest.raises(RuntimeError, match="eta2.*returned 4 rows for 2 images"):
+        sample(oneactor, p, PAPER, after_denoiser=undo_fold)
+    run = getattr(p, oneactor.ATTRIBUTE)
+    assert run.pending is None and run.correction is None
+    oneactor.deactivate(p)
+    plain, _ = sample(oneactor, processing(model, TWO_IMAGES), callbacks=False)
+    again, _ = sample(oneactor, processing(model, ["a hobbit in a forest", "a hobbit at sea"]), PAPER)
+    assert torch.equal(again, plain)

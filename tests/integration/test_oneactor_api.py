@@ -4,12 +4,19 @@ Besides ``CONSISTENT_STORY_WEBUI_URL`` they need ``CONSISTENT_STORY_ONEACTOR_CHE
 standard-size SD1.5 or SDXL checkpoint on that server (random weights are fine; the shrunken test checkpoints have
 other widths, which characters refuse). The tests switch to it and back. Creation runs at 256² with one auxiliary
 image and one tuning step, so a CPU server takes a few minutes.
+
+``CONSISTENT_STORY_ETA2_REFERENCE`` (a folder) turns on the two-run check that η2's rows folded into the host's UNet
+call give the image of the second call: run it once against a server started with
+``CONSISTENT_STORY_ONEACTOR_SECOND_CALL=1`` in its environment (it writes the reference images), then against the
+same server started without it (it compares).
 """
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
+import pathlib
 import threading
 import time
 import urllib.error
@@ -112,6 +119,57 @@ def test_tag_inside_a_story_description(character, preset):
     assert image(bodies[0]) != image(bodies[1])
     spans = [[line for line in t.split(", ") if line.startswith("Story Token spans")] for t in infotexts]
     assert spans[0] == spans[1]  # with consolidation: the tag is not a word of the consolidated prompt
+
+
+PAPER = {"oneactor_preset": "paper"}
+STORY = "a hobbit <oneactor:ci_hero> with a red cloak\nwalks in the rain"
+
+
+def paper_images() -> dict[str, bytes]:
+    """η2 = 1 (the paper preset) on a plain prompt and inside a StoryDiffusion story (its shared self-attention
+    beside the η2 rows)."""
+    images = {}
+    for name, prompt, args in (("plain", "<oneactor:ci_hero> a hobbit in a forest", PAPER),
+                               ("story", "watercolor", {**PAPER, "enabled": True, "preset": "StoryDiffusion",
+                                                        "storyboard": False, "story": STORY})):
+        status, body = txt2img(prompt=prompt, alwayson_scripts={"consistent story": {"args": [args]}})
+        assert status == 200, body
+        assert "Story OneActor eta2: 1.0" in json.loads(body["info"])["infotexts"][0]
+        images[f"{name}0"] = image(body)
+    return images
+
+
+def test_paper_preset_inside_a_story_description(character):
+    images = paper_images()  # a story of one frame: the story's row plan, hooks and checks beside the η2 rows
+    assert sorted(images) == ["plain0", "story0"] and images["plain0"] != images["story0"]
+
+
+REFERENCE = os.environ.get("CONSISTENT_STORY_ETA2_REFERENCE", "")
+
+
+@pytest.mark.skipif(not REFERENCE, reason="set CONSISTENT_STORY_ETA2_REFERENCE (see the module docstring)")
+def test_folded_eta2_rows_give_the_second_calls_image(character):
+    import numpy as np
+    from PIL import Image
+
+    folder = pathlib.Path(REFERENCE)
+    character_hash = listed()["ci_hero"]["hash"]
+    images = paper_images()
+    if not (folder / "hash.txt").exists():  # the first run, against the server forced to the second call
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in images.items():
+            (folder / f"{name}.png").write_bytes(data)
+        (folder / "hash.txt").write_text(character_hash)
+        pytest.skip(f"reference images written to {folder}; run again against the server without "
+                    "CONSISTENT_STORY_ONEACTOR_SECOND_CALL")
+    assert (folder / "hash.txt").read_text() == character_hash, "the character was made again differently"
+    worst = 0
+    for name, data in images.items():
+        ours = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+        theirs = np.asarray(Image.open(folder / f"{name}.png").convert("RGB"), dtype=np.int16)
+        worst = max(worst, int(np.abs(ours - theirs).max()))
+    print(f"max pixel difference folded vs second call: {worst}")
+    assert worst <= 2
 
 
 @pytest.mark.parametrize("prompt, words", [

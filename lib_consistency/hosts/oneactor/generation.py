@@ -9,11 +9,19 @@ Each image's characters are read from its own prompt (``p.all_prompts`` / ``p.al
 
 Per denoiser call (``on_cfg_denoiser``, after the story pipeline's own swap): inside the window the cond rows get
 ``v·Δ_tar`` on their base-word rows (with 1Prompt1Story consolidation, the rows of the base word in each frame's
-consolidated prompt). With η2 > 0 the η2 row ``c + Δ_avg`` is evaluated once more per image after
-the host's own UNet calls and subtracted after CFG (``guidance.cluster_guidance``; in the x0 space the samplers
-combine in, an equivalent affine form): on A1111 from ``on_cfg_denoised`` (``inner_model`` call) and
-``on_cfg_after_cfg``; on Forge from a ``sampler_post_cfg_function`` on a clone of the UNet patcher. A step whose
-uncond is skipped (CFG 1, NGMS, skip-early-CFG) has no η2 term.
+consolidated prompt). With η2 > 0 one η2 row ``c + Δ_avg`` per image is evaluated in the host's own UNet call,
+beside the cond and uncond rows (3 rows per image in one call, as the paper counts it), and its prediction is
+subtracted after CFG (``guidance.cluster_guidance``; in the x0 space the samplers combine in, an equivalent affine
+form):
+- A1111: the rows are inserted between the cond and the uncond rows here (``eta2.py``, which lists the host paths),
+  read back from ``x_out`` in ``on_cfg_denoised`` and added in ``on_cfg_after_cfg``; a story's row plan gets them as
+  OTHER rows. Where folding could change or misread a row (edit models, ControlNet's marks, padding of a short cond)
+  they run in a second ``inner_model`` call from ``on_cfg_denoised`` instead, the form before the fold.
+- Forge and Forge Neo: a model function wrapper on a clone of the UNet patcher appends them to the call that holds
+  the cond chunk and a ``sampler_post_cfg_function`` subtracts them (``hosts/forge.py``); where that call carries
+  what cannot be extended row-wise (ControlNet, another extension's attention patches) the post-CFG function runs
+  them through the model once more instead.
+A step whose uncond is skipped (CFG 1, NGMS, skip-early-CFG) has no η2 term.
 """
 from __future__ import annotations
 
@@ -23,6 +31,8 @@ from typing import Any, Sequence
 
 import torch
 
+from modules import shared
+
 from ...oneactor.character_file import (ARCH_WIDTHS as ARCH_WIDTH, CharacterFileError, checkpoint_warning, file_hash,
                                         load_character)
 from ...oneactor.inference import CharacterUse, OneActorBatch, OneActorPromptError, base_word_positions
@@ -31,6 +41,7 @@ from ..coexist import split_controlnet_mark, with_controlnet_mark
 from ..flux import ONEACTOR_ON_FLUX, flux_model
 from ..guard import CHECKED_ATTRIBUTE, checked_sampling, unet_module
 from ..tokenizers import clip_engine, token_items
+from . import eta2
 
 log = logging.getLogger(__name__)
 ATTRIBUTE = "consistent_story_oneactor"
@@ -51,7 +62,7 @@ class OneActorRun:
     first: OneActorBatch | None = None
     hires: OneActorBatch | None = None
     error: Exception | None = None
-    pending: dict[str, Any] | None = None      # this step's η2 inputs (on_cfg_denoiser -> denoised / post-cfg)
+    pending: dict[str, Any] | None = None      # this step's η2 rows (on_cfg_denoiser -> denoised / post-cfg)
     correction: torch.Tensor | None = None     # A1111: added to the combined result in on_cfg_after_cfg
     hashes: dict[str, str] = field(default_factory=dict)
     warnings: dict[str, str] = field(default_factory=dict)
@@ -218,7 +229,8 @@ def deactivate(p) -> None:
 
 
 def on_cfg_denoiser(params) -> None:
-    """Inside the window: ``v·Δ_tar`` on the cond rows; with η2 > 0 keep the η2 row's inputs for this step."""
+    """Inside the window: ``v·Δ_tar`` on the cond rows; with η2 > 0 the η2 rows for this step: on A1111 folded into
+    the host's own call (``eta2.py``) or kept for the second call, on Forge kept for the model function wrapper."""
     p = getattr(params.denoiser, "p", None)
     run = getattr(p, ATTRIBUTE, None)
     if run is None:
@@ -237,18 +249,35 @@ def on_cfg_denoiser(params) -> None:
                     context.shape[0], len(batch.images))
         return
     with torch.no_grad():
-        if batch.needs_average and params.text_uncond is not None and not _uncond_skipped(params):
-            average = batch.average_context(context)
-            rows = len(batch.images)
-            run.pending = dict(batch=batch, context=average, vector=cond.get("vector") if isinstance(cond, dict)
-                               else None, x=params.x[:rows], sigma=params.sigma[:rows],
-                               image_cond=params.image_cond[:rows] if params.image_cond is not None else None,
-                               denoiser=params.denoiser, step=int(params.sampling_step))
         target = with_controlnet_mark(mark, batch.target_context(context))
+        if batch.needs_average and params.text_uncond is not None and not _uncond_skipped(params):
+            rows = len(batch.images)
+            average = batch.average_context(context)
+            run.pending = dict(batch=batch, rows=rows, denoiser=params.denoiser, step=int(params.sampling_step),
+                               context=average, vector=cond.get("vector") if isinstance(cond, dict) else None)
+            if not hasattr(p.sd_model, "forge_objects"):  # A1111 (Forge: the wrapper of hosts/forge.py)
+                refusal = eta2.fold_refusal(params, cond, mark, rows, shared.opts)
+                run.pending["folded"] = refusal is None
+                if refusal is None:
+                    eta2.fold_rows(params, cond, target, average, rows)
+                    _story_rows_after_cond(p)
+                    return
+                log.debug("OneActor: eta2 rows in a second UNet call this step: %s", refusal)
+                run.pending.update(x=params.x[:rows], sigma=params.sigma[:rows],
+                                   image_cond=params.image_cond[:rows] if params.image_cond is not None else None)
     if isinstance(cond, dict):  # SDXL DictWithShape: change the key in place, keep the instance
         cond["crossattn"] = target
     else:
         params.text_cond = target
+
+
+def _story_rows_after_cond(p) -> None:
+    """A story's row plan of this step gets the folded η2 rows as OTHER rows of their frames (its callback ran
+    first), so that its attention hooks still know every row of the call."""
+    from ..pipeline import RUN_ATTRIBUTE
+    story = getattr(p, RUN_ATTRIBUTE, None)
+    if story is not None and getattr(story, "sampling", False):
+        story.cursor.insert_after_cond(tuple(story.plan.batch_frames(p.iteration)))
 
 
 def _check_eta2_ran(run: OneActorRun, params) -> None:
@@ -287,14 +316,29 @@ def _uncond_skipped(params) -> bool:
 
 
 def on_cfg_denoised(params) -> None:
-    """A1111: evaluate the η2 rows after the host's UNet calls and keep ``−η2·(ε_avg − ε(∅))`` (x0 space)."""
+    """A1111: the η2 rows' prediction (from the host's ``x_out`` when folded, else one more ``inner_model`` call)
+    turned into ``−η2·(ε_avg − ε(∅))`` (x0 space), added after CFG."""
     run = _current
-    if run is None or run.pending is None or "denoiser" not in run.pending:
+    if run is None or run.pending is None or "folded" not in run.pending:
         return
     pending, run.pending = run.pending, None
-    rows = pending["x"].shape[0]
-    if params.x.shape[0] != 2 * rows:
+    rows = pending["rows"]
+    if pending["folded"]:
+        average = eta2.folded_prediction(params.x, rows)
+    elif params.x.shape[0] != 2 * rows:
         return  # an edit model's third block or AND rows: no η2 term
+    else:
+        average = _second_call(params, pending)
+    uncond = params.x[-rows:]
+    correction = -pending["batch"].eta2 * (average - uncond)
+    denoiser = pending["denoiser"]
+    if getattr(denoiser, "mask", None) is not None and getattr(denoiser, "nmask", None) is not None:
+        correction = correction * denoiser.nmask  # inpainting: the kept area stays the original's
+    run.correction = correction
+
+
+def _second_call(params, pending: dict) -> torch.Tensor:
+    """The η2 rows through ``inner_model`` once more, after the host's own calls (the unfolded form)."""
     context = pending["context"]
     cond = {"crossattn": context, "vector": pending["vector"]} if pending["vector"] is not None else context
     image_cond = pending["image_cond"]
@@ -303,13 +347,7 @@ def on_cfg_denoised(params) -> None:
     else:
         condition = {"c_crossattn": [cond], "c_concat": [image_cond]}
     with torch.no_grad():
-        average = params.inner_model(pending["x"], pending["sigma"], cond=condition)
-    uncond = params.x[rows:]
-    correction = -pending["batch"].eta2 * (average - uncond)
-    denoiser = pending["denoiser"]
-    if getattr(denoiser, "mask", None) is not None and getattr(denoiser, "nmask", None) is not None:
-        correction = correction * denoiser.nmask  # inpainting: the kept area stays the original's
-    run.correction = correction
+        return params.inner_model(pending["x"], pending["sigma"], cond=condition)
 
 
 def on_cfg_after_cfg(params) -> None:
@@ -320,15 +358,17 @@ def on_cfg_after_cfg(params) -> None:
         run.correction = None
 
 
-def process_before_every_sampling(p) -> None:
-    """Forge: the η2 post-CFG function on a fresh clone of the UNet patcher (again for each hires reset)."""
+def process_before_every_sampling(p, latent=None) -> None:
+    """Forge: the η2 fold wrapper and post-CFG function on a fresh clone of the UNet patcher (again for each hires
+    reset). ``latent``: the host's ``x`` for this sampling call (the fold's memory reservation reads its shape)."""
     run = getattr(p, ATTRIBUTE, None)
     if run is None or run.error is not None:
         return
     batches = [b for b in (run.first, run.hires) if b is not None]
     if any(b.needs_average for b in batches) and hasattr(p.sd_model, "forge_objects"):
         from ..forge import patch_oneactor
-        def take():  # the η2 inputs of this step, taken once (_check_eta2_ran knows they were used)
+
+        def take():  # the η2 rows of this step, taken once (_check_eta2_ran knows they were used)
             pending, run.pending = run.pending, None
             return pending
-        patch_oneactor(p, take)
+        patch_oneactor(p, take, lambda: run.pending, None if latent is None else tuple(latent.shape))
