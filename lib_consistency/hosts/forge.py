@@ -123,6 +123,7 @@ def _weighted(entry: dict) -> bool:
     ``compile_weighted_conditions`` sets ``strength`` on every entry): its own sum is not the model's output."""
     return "area" in entry or "mask" in entry or float(entry.get("strength", 1.0)) != 1.0
 
+
 FOLDABLE_KEYS = frozenset({"c_crossattn", "y", "c_concat", "transformer_options"})
 
 
