@@ -35,8 +35,7 @@ from ..common.addresses import StepKey
 from ..common.row_layout import UNKNOWN_LAYOUT, A1111RowCursor, a1111_step_plan
 from ..one_prompt_one_story.ipca import IdentityAttentionState
 from ..settings import Settings
-from ..story.run import FrameConditioning, StoryRunPlan, plan_story_run
-from ..story_diffusion.consistent_self_attention import CsaSettings
+from ..story.run import FrameConditioning, StoryRunPlan, csa_settings, plan_story_run
 from ..story_diffusion.reference_bank import ReferenceBank
 from ..story_diffusion.state import BankMode, ConsistencyState
 from ..story_sync.state import StorySyncState
@@ -259,8 +258,7 @@ def install(p, generation: StoryGeneration) -> None:
         state.bank_mode = BankMode(plan.bank_role(p.iteration, state.reference_frames or ()))
     elif settings.csa:
         if generation.csa is None:
-            generation.csa = ConsistencyState(CsaSettings(settings.csa_rate, settings.csa_schedule,
-                                                          settings.csa_layers), plan.seeds[0], plan.frame_groups(),
+            generation.csa = ConsistencyState(csa_settings(settings), plan.seeds[0], plan.frame_groups(),
                                               reference_frames=plan.reference_frames,
                                               bank=ReferenceBank(offload_to_cpu=settings.bank_on_cpu),
                                               depth=depth_of(p))

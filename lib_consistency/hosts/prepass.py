@@ -22,7 +22,8 @@ import torch
 
 from modules import rng, shared
 
-from ..story_sync.state import Phase, PrePassDone, StorySyncState
+from ..story.run import record_bli_window
+from ..story_sync.state import StorySyncState
 
 _STATE_FIELDS = ("sampling_step", "sampling_steps", "current_latent", "current_image_sampling_step")
 
@@ -65,17 +66,8 @@ def wants_prepass(p, state: StorySyncState | None) -> bool:
 
 def run_vanilla_prepass(p, state: StorySyncState, sample: Callable[[], object], ipca=None) -> None:
     """Record the BLI window's self-attention inputs with one vanilla run of ``sample`` (the host's sampling)."""
-    state.bli_cache.clear()
-    state.phase = Phase.VANILLA
-    if ipca is not None:
-        ipca.closed = True
-    try:
+    def untouched_sample() -> None:
         with _host_untouched(p):
-            try:
-                sample()
-            except PrePassDone:
-                pass
-    finally:
-        state.phase = Phase.CONSISTENT
-        if ipca is not None:
-            ipca.closed = False
+            sample()
+
+    record_bli_window(state, untouched_sample, ipca)

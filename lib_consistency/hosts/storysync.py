@@ -8,10 +8,9 @@ from modules import extra_networks
 
 from ..common.addresses import DitDepth
 from ..settings import Settings
-from ..story.run import StoryRunPlan, storysync_references
-from ..story_diffusion.consistent_self_attention import LayerPolicy, Schedule
+from ..story.run import StoryRunPlan, storysync_references, storysync_settings
 from ..story_diffusion.reference_bank import ReferenceBank
-from ..story_sync.state import StorySyncSettings, StorySyncState
+from ..story_sync.state import StorySyncState
 from ..story_sync.subject_tokens import (consolidated_identity_pieces, frame_prompt_pieces, story_subjects,
                                          subject_positions)
 from .storyboard import mask_overlay
@@ -41,10 +40,7 @@ def storysync_state(p, settings: Settings, plan: StoryRunPlan, depth: DitDepth |
             found = subject_positions(frame_prompt_pieces(story, f, style_text), tokenize, subjects, **place)
             columns[f] = {c: found[c] for c in sorted(groups[f]) if c in found}
     references = storysync_references(settings, plan)
-    storysync = StorySyncSettings(settings.mask_dropout, settings.share_dropout, settings.rfh_strength,
-                                  settings.rfh_dropout, (settings.rfh_start, settings.rfh_end), settings.bli_strength,
-                                  settings.bli_steps, settings.bli_inputs, LayerPolicy(settings.csa_layers),
-                                  Schedule(settings.csa_schedule))
+    storysync = storysync_settings(settings)
     return StorySyncState(storysync, plan.seeds[0], groups, columns, references,
                           ReferenceBank(offload_to_cpu=settings.bank_on_cpu),
                           ReferenceBank(offload_to_cpu=settings.bli_cache_on_cpu), depth)

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 
 from ..one_prompt_one_story.svr import SvrRangeError, npr_frame_context, svr_frame_context
 from ..one_prompt_one_story.token_plan import CLIP_CONTEXT, TextContext, Tokenizer, TokenPlan, plan_tokens
 from ..settings import Settings, SettingsError
+from ..story_diffusion.consistent_self_attention import CsaSettings, LayerPolicy, Schedule
+from ..story_sync.state import Phase, PrePassDone, StorySyncSettings, StorySyncState
 from .batches import Batches, bank_role, default_references, drawing_order, host_slices, plan_batches
 from .format import Story, parse_story
 
@@ -116,6 +118,40 @@ def storysync_references(settings: Settings, plan: StoryRunPlan) -> tuple[int, .
     if settings.reference_frames:
         return tuple(range(min(settings.reference_frames, plan.frame_count)))
     return plan.reference_frames or None
+
+
+def csa_settings(settings: Settings) -> CsaSettings:
+    """StoryDiffusion's consistent self-attention settings of a generation."""
+    return CsaSettings(settings.csa_rate, settings.csa_schedule, settings.csa_layers)
+
+
+def storysync_settings(settings: Settings) -> StorySyncSettings:
+    """StorySync's settings of a generation (its sharing layers and schedule are the CSA ones)."""
+    return StorySyncSettings(settings.mask_dropout, settings.share_dropout, settings.rfh_strength,
+                             settings.rfh_dropout, (settings.rfh_start, settings.rfh_end), settings.bli_strength,
+                             settings.bli_steps, settings.bli_inputs, LayerPolicy(settings.csa_layers),
+                             Schedule(settings.csa_schedule))
+
+
+def record_bli_window(state: StorySyncState, sample: Callable[[], object], ipca: Any = None) -> None:
+    """StorySync BLI's vanilla pre-pass (paper Eq. 12; methods.md §5.1 step 4): ``sample`` runs the generation's
+    own sampling once with ``state`` in ``Phase.VANILLA`` (IPCA, an ``IdentityAttentionState``, closed), which
+    records the window's self-attention inputs in ``state.bli_cache`` and stops it with ``PrePassDone`` after the
+    window. The host adapters wrap ``sample`` so that the host's RNG and progress stay untouched (``hosts/prepass``).
+    """
+    state.bli_cache.clear()
+    state.phase = Phase.VANILLA
+    if ipca is not None:
+        ipca.closed = True
+    try:
+        try:
+            sample()
+        except PrePassDone:
+            pass
+    finally:
+        state.phase = Phase.CONSISTENT
+        if ipca is not None:
+            ipca.closed = False
 
 
 def style_of_expanded_prompt(story: Story, prompt: str) -> str | None:

@@ -151,3 +151,58 @@ def test_flux_bench_runs_both_methods_on_a_tiny_real_flux_transformer():
     # the last single block (depth 2/3) shares: more keys, so more attention FLOPs; StorySync adds its maps
     assert figures["csa_flops_ratio"] > 1.0 and figures["storysync_flops_ratio"] > 1.0
     assert len(lines) == 3 and "1 double + 2 single blocks" in lines[0] and "StorySync" in lines[2]
+
+
+TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+                 cross_attention_dim=16, norm_num_groups=8, attention_head_dim=4)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny UNet on 2 shared cores runs faster on one
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_presets_bench_runs_every_row_through_the_same_loop(one_thread):
+    """Whole tiny generations of every preset: the ratios' reference is exact, each method reaches the model and
+    costs the FLOPs it should (hand-computed where the rows alone decide them)."""
+    pytest.importorskip("diffusers")
+    from lib_consistency.bench import presets as bp
+    from lib_consistency.oneactor.guidance import window_steps
+    from lib_consistency.settings import Settings
+    frames, steps = 2, 3
+    lines: list[str] = []
+    figures = bp.run("sd15", "cpu", torch.float32, frames=frames, steps=steps, repeats=1, latent_side=16,
+                     unet_config=TINY_UNET, print_fn=lines.append)
+    story = {name: figures[name, frames] for name in ("vanilla",) + bp.STORY_PRESETS}
+    oneactor = {name: figures[name, 1] for name in ("vanilla",) + tuple(row for row, _, _ in bp.ONEACTOR_ROWS)}
+    assert set(figures) == {*((n, frames) for n in story), *((n, 1) for n in oneactor), "lockstep"}
+    for vanilla in (story["vanilla"], oneactor["vanilla"]):
+        assert vanilla["time_ratio"] == vanilla["memory_ratio"] == vanilla["flops_ratio"] == 1.0
+        assert vanilla["change"] == 0.0 and vanilla["prepass"] == 0.0
+    for name, row in (*story.items(), *oneactor.items()):
+        if name != "vanilla":
+            assert row["change"] > 0, name  # the method reached the UNet: other latents than vanilla's
+            assert row["seconds"] > 0 and row["peak"] > 0
+    # IPCA's identity keys and CSA's peer tokens each add attention FLOPs; Combined is exactly both (SVR is no
+    # matrix product the counter sees)
+    extra = {name: story[name]["flops"] - story["vanilla"]["flops"] for name in bp.STORY_PRESETS}
+    assert extra["1Prompt1Story"] > 0 and extra["StoryDiffusion"] > 0
+    assert extra["Combined"] == extra["1Prompt1Story"] + extra["StoryDiffusion"]
+    # StorySync: the pre-pass ran its one BLI step (0/3 < 0.1) and stopped in the next call, and is in the totals
+    sync, per_call = story["StorySync"], story["vanilla"]["flops"] / steps
+    assert sync["prepass"] > 0 and per_call <= sync["prepass_flops"] < 2 * per_call
+    assert sync["flops"] >= story["vanilla"]["flops"] + sync["prepass_flops"]
+    # OneActor: η2 = 0 adds no matrix product; η2 > 0 adds B rows to the 2B of each window step, in either form
+    assert oneactor["OneActor η2 = 0"]["flops"] == oneactor["vanilla"]["flops"]
+    two_calls, folded = oneactor["OneActor η2 > 0, two calls"], oneactor["OneActor η2 > 0, folded"]
+    inside = window_steps(steps, Settings().with_value("oneactor_preset", "paper").oneactor_window)
+    assert two_calls["flops"] == folded["flops"]
+    assert two_calls["flops_ratio"] == pytest.approx(1 + inside / (2 * steps))
+    lock = figures["lockstep"]
+    assert lock[f"peak_{4 * frames}"] > lock[f"peak_{2 * frames}"] and lock[f"seconds_{2 * frames}"] > 0
+    assert len(lines) == 3 + len(story) + len(oneactor) + 2
+    assert lines[-2].startswith("StorySync: BLI pre-pass ") and lines[-1].startswith("one plain UNet call: ")
