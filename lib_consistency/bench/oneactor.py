@@ -15,10 +15,12 @@ With a half ``dtype`` the denoiser also runs under autocast in it; the CLI uses 
 a frozen fp16 UNet overflow more easily) and fp32 on CPU. Measured on 2 shared CPU cores, fp32, real SD1.5 (64×64),
 one step without warm-up: 142 s, peak RSS 8.9 GiB (grew 5.1 GiB), so 200 steps ≈ 7.9 h: CPU tuning is impractical.
 
-Inference (``run_inference_bench``): one CFG step is one UNet call of 2B rows; with η2 > 0 the WebUIs evaluate B
-more cond rows (the ``c + Δ_avg`` row, Eq. 19) in a second call inside the window. Measured: the median time of a
-2B-row call and of a B-row call, the offset of Δ on the base-word rows, and the whole-generation ratio
-``1 + w·t(B)/t(2B)`` for the window fraction w (2/3 by default).
+Inference (``run_inference_bench``): one CFG step is one UNet call of 2B rows; with η2 > 0 B more cond rows (the
+``c + Δ_avg`` row, Eq. 19) run inside the window: folded into the CFG call (3B rows, what the WebUIs do,
+``hosts/oneactor/eta2.py``, ``hosts/forge.py``) or, where folding is refused, in a second call of B rows. Measured:
+the median time of a 2B-, a 3B- and a B-row call, the offset of Δ on the base-word rows, and the whole-generation
+ratios ``1 + w·(t(3B) − t(2B))/t(2B)`` (folded) and ``1 + w·t(B)/t(2B)`` (second call) for the window fraction w
+(2/3 by default).
 
 diffusers is a bench-only dependency (``lib_consistency/bench/requirements.txt``): it is imported inside the bench
 functions, never at module level, so the host-free core keeps importing torch only.
@@ -229,13 +231,16 @@ def run_inference_bench(arch: str, device: torch.device | str, dtype: torch.dtyp
         return lambda: denoise(x, t, [], zeros)
 
     with torch.no_grad():
-        cfg_call, extra_call = timed(rows(2 * batch)), timed(rows(batch))
+        cfg_call, extra_call, folded_call = timed(rows(2 * batch)), timed(rows(batch)), timed(rows(3 * batch))
         offset = timed(lambda: characters.target_context(context))
-    figures = {"cfg_call": cfg_call, "extra_call": extra_call, "offset": offset,
-               "eta2_zero": 1 + offset / cfg_call, "eta2_positive": 1 + window * (extra_call + offset) / cfg_call}
+    figures = {"cfg_call": cfg_call, "extra_call": extra_call, "folded_call": folded_call, "offset": offset,
+               "eta2_zero": 1 + offset / cfg_call, "eta2_positive": 1 + window * (extra_call + offset) / cfg_call,
+               "eta2_folded": 1 + window * (folded_call - cfg_call + offset) / cfg_call}
     print_fn(f"OneActor inference, {arch} UNet (random init, {str(dtype).removeprefix('torch.')}), latent "
              f"{side}x{side}, batch {batch}, on {device}: CFG call (2B rows) {cfg_call * 1e3:.1f} ms, "
-             f"η2 call (B rows) {extra_call * 1e3:.1f} ms, Δ offset {offset * 1e3:.3f} ms")
+             f"folded CFG call (3B rows) {folded_call * 1e3:.1f} ms, second η2 call (B rows) {extra_call * 1e3:.1f} ms, "
+             f"Δ offset {offset * 1e3:.3f} ms")
     print_fn(f"generation time vs. no character: η2 = 0 ×{figures['eta2_zero']:.3f}; η2 > 0 over "
-             f"{window:.2f} of the steps ×{figures['eta2_positive']:.3f} (paper, A100 SDXL: ×1.33)")
+             f"{window:.2f} of the steps ×{figures['eta2_folded']:.3f} folded, ×{figures['eta2_positive']:.3f} with "
+             "a second call (paper, A100 SDXL: ×1.33)")
     return figures

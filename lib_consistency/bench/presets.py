@@ -24,8 +24,8 @@ per denoiser call, as the A1111 adapter does (``hosts/a1111.py``, ``hosts/pipeli
 - OneActor (at batch 1, its own vanilla; also at ``frames`` images where asked): η2 = 0 ("fast" preset) puts
   ``v·Δ_tar`` on the cond context's base-word row inside the window, plain CFG; η2 > 0 ("paper": η2 1, η1 8.5)
   adds the ``c + Δ_avg`` rows inside the window and combines with ``guidance.cluster_guidance``, in two forms:
-  "two calls" (the hosts today: a second UNet call of B rows after the 2B-row CFG call) and "folded" (one call
-  of 3B rows; modelled here only).
+  "folded" (one call of 3B rows, what the WebUIs do) and "two calls" (a second UNet call of B rows after the
+  2B-row CFG call: the WebUIs' fallback where folding is refused).
 
 Text encoding is left out (every text's embedding is a seeded random (77, D) tensor); the token plans come from a
 word-level stand-in tokenizer. Figures per row: seconds per image (median over ``repeats`` whole generations, the
@@ -249,7 +249,7 @@ def sample(inputs: Inputs, method: Method, cond: torch.Tensor, reach: Reach) -> 
             raise RuntimeError(f"presets bench step {step}: the hooks missed {missing}")
         eps_cond, eps_uncond = out[:frames], out[frames:2 * frames]
         eps_average = out[2 * frames:] if len(rows) == 3 else None
-        if average is not None and not method.folded:  # the hosts' second call: B more cond rows
+        if average is not None and not method.folded:  # the hosts' fallback second call: B more cond rows
             eps_average = inputs.unet_call(x_in, step, average).float()
         guided = cluster_guidance(eps_uncond, eps_cond, eps_average, method.eta1,
                                   oneactor.eta2 if eps_average is not None else 0.0)

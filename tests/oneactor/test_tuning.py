@@ -253,4 +253,6 @@ def test_inference_bench_reports_the_eta2_row_cost():
     assert figures["eta2_positive"] == pytest.approx(
         1 + (2 / 3) * (figures["extra_call"] + figures["offset"]) / figures["cfg_call"])
     assert figures["eta2_positive"] > figures["eta2_zero"] > 1
-    assert len(lines) == 2 and "batch 2" in lines[0]
+    assert figures["eta2_folded"] == pytest.approx(
+        1 + (2 / 3) * (figures["folded_call"] - figures["cfg_call"] + figures["offset"]) / figures["cfg_call"])
+    assert len(lines) == 2 and "batch 2" in lines[0] and "folded" in lines[1]
