@@ -26,6 +26,7 @@ from typing import Iterable
 import torch
 
 from ..common.addresses import LayerAddress
+from ..common.attention import multi_head_attention
 from ..common.async_index import index_tensor
 from ..one_prompt_one_story.ipca import IdentityAttentionState, append_identity_tokens, cond_rows, identity_keys
 from ..story_diffusion.consistent_self_attention import attend_in_groups
@@ -85,21 +86,12 @@ def module_attention(module: torch.nn.Module, hidden: torch.Tensor, context: tor
                      mask: torch.Tensor) -> torch.Tensor:
     """The attention of an ldm/diffusers attention module with a mask the host's forward cannot take (A1111's
     optimised forwards ignore or refuse one, hosts.md §3.1): the module's own ``to_q/to_k/to_v``, ``heads`` and
-    every layer of ``to_out`` (Linear then Dropout in both libraries) around ``scaled_dot_product_attention``.
+    every layer of ``to_out`` (Linear then Dropout in both libraries) around ``multi_head_attention``.
 
     hidden: (R, Q, C); context: (R, T, D); mask: broadcastable to (R, heads, Q, T), a float logit bias or a bool
     "may attend" mask. Returns (R, Q, C_out).
     """
-    rows, heads = hidden.shape[0], module.heads
-
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.view(rows, t.shape[1], heads, -1).transpose(1, 2)
-
-    q, k, v = split(module.to_q(hidden)), split(module.to_k(context)), split(module.to_v(context))
-    if mask.dtype != torch.bool:
-        mask = mask.to(q.dtype)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    out = out.transpose(1, 2).reshape(rows, hidden.shape[1], -1)
+    out = multi_head_attention(module.to_q(hidden), module.to_k(context), module.to_v(context), module.heads, mask)
     for layer in module.to_out:
         out = layer(out)
     return out

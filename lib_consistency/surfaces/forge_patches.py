@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from ..common.async_index import index_tensor
+from ..common.attention import multi_head_attention
 from ..common.row_layout import Frames, RowLayout, forge_row_layout
 from ..one_prompt_one_story.ipca import append_identity_tokens, cond_rows, identity_keys
 from .reach import CSA, HARMONIZATION, IPCA, SHARING, SUBJECT_MAPS, Reach
@@ -110,17 +111,8 @@ def set_replace_all(unet, target: str, make: Callable[[Patch | None], Patch]) ->
 def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                      visible: torch.Tensor) -> torch.Tensor:
     """Attention of q [R, Q, H·d] over padded k, v [R, L, H·d] with ``visible`` (R, L) bool marking each row's real
-    keys: ``scaled_dot_product_attention`` itself, the kernel of Forge's default ``attention_pytorch``. Forge's
-    other attention functions do not take a key-padding mask longer than the queries (its xformers path pads the
-    mask to the query length), so padded calls never go through them."""
-    rows, queries, width = q.shape
-
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.view(rows, t.shape[1], heads, width // heads).transpose(1, 2)
-
-    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v),
-                                                           attn_mask=visible[:, None, None, :])
-    return out.transpose(1, 2).reshape(rows, queries, width)
+    keys (``multi_head_attention``: Forge's own attention functions do not all take such a mask)."""
+    return multi_head_attention(q, k, v, heads, visible[:, None, None, :])
 
 
 def _in_groups(attention: Attention, heads: int, q, k, v, groups: list) -> torch.Tensor:

@@ -16,23 +16,18 @@ from lib_consistency.story_sync.state import StorySyncSettings, StorySyncState
 from lib_consistency.surfaces.attention_modules import install_storysync_hooks
 from lib_consistency.surfaces.instance_hooks import remove_hooks
 from tests.fake_webui import ToyAttention
-from tests.story_sync.test_story_sync import LATENT, address
+from tests.story_sync.test_story_sync import LATENT, address, tiny_unet
 
 DROPOUTS = dict(mask_dropout=0.5, share_dropout=0.3)
 
 
 @pytest.fixture(scope="module")
 def unet():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    model = diffusers.UNet2DConditionModel(
-        sample_size=LATENT[0], in_channels=4, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=24, norm_num_groups=8, attention_head_dim=8)
+    model = tiny_unet()
     for name, parameter in model.named_parameters():  # sharper attention: masks with contrast on random weights
         if name.endswith(("to_q.weight", "to_k.weight")):
             parameter.data.mul_(4.0)
-    return model.eval()
+    return model
 
 
 def story_state(frames: int, **values) -> tuple[StorySyncState, RowLayout]:

@@ -35,8 +35,8 @@ def address(name: str):
     return (("middle", 0, int(match.group(1))), match.group(2)) if match else (None, None)
 
 
-@pytest.fixture(scope="module")
-def unet():
+def tiny_unet():
+    """A tiny randomly initialised diffusers UNet: 3 cross-attention levels (16², 8², 4² on the 16² latent)."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     model = diffusers.UNet2DConditionModel(
@@ -44,6 +44,11 @@ def unet():
         down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=24, norm_num_groups=8, attention_head_dim=8)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet()
 
 
 @pytest.fixture(scope="module")
