@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flux-size", choices=("real", "small"), default=None,
                         help="--only flux: Flux.1's configuration at 1024² (default on CUDA) or a small one at 512² "
                              "(default on the CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="--only presets: one more generation per row under torch.profiler, printed as where "
+                             "the time goes (UNet, attention modules, the methods' own work)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         run_presets(args.arch, device, torch.float16 if on_cuda else torch.float32,
                     steps=args.steps or (30 if on_cuda else 10), repeats=args.repeats or (3 if on_cuda else 1),
                     latent_side=args.latent_side or (None if on_cuda else LATENT_SIDES[args.arch] // 2),
-                    oneactor_batches=(1, 4) if on_cuda else (1,))
+                    oneactor_batches=(1, 4) if on_cuda else (1,), profile=args.profile)
         return
     if args.only == "storysync-unet":
         from .storysync_unet import run as run_unet  # imports diffusers when run

@@ -20,6 +20,9 @@ per denoiser call, as the A1111 adapter does (``hosts/a1111.py``, ``hosts/pipeli
   up block, RFH γ 0.3 in [0.1, 0.33) of the steps, reference frames 0 and 1 read by the others in the same batch),
   after BLI's vanilla pre-pass over the first ``bli_steps`` of the steps (``record_bli_window``: the same loop in
   ``Phase.VANILLA`` until ``PrePassDone``), included in the time and FLOPs and also printed on its own.
+- StorySync, BLI lock-step (issue 23 part 4; methods.md §5.1 step 4 way (b)): the same, with no pre-pass: inside
+  the window each call also holds the vanilla trajectory's 2B rows (plain CFG from the same noise, stepped by the
+  same loop) as twins of the story's rows (``RowLayout.twins``), whose self-attention inputs BLI reads live.
 - Combined: IPCA then CSA (rate 0.5, official schedule).
 - OneActor (at batch 1, its own vanilla; also at ``frames`` images where asked): η2 = 0 ("fast" preset) puts
   ``v·Δ_tar`` on the cond context's base-word row inside the window, plain CFG; η2 > 0 ("paper": η2 1, η1 8.5)
@@ -34,13 +37,12 @@ rows timed round-robin so drift hits all of them; synchronised on CUDA), peak me
 peak bytes of tensors allocated by aten ops during the generation, the dispatch ledger of ``csa.py``, not RSS), and
 FLOPs (``torch.utils.flop_counter.FlopCounterMode`` over one whole generation: matrix products, convolutions,
 attention), each as a ratio to the vanilla row of the same batch measured in the same run. For the issue's part 4
-it also times one plain UNet call of 2B and of 4B rows with its peak memory: what running BLI's vanilla rows in the
-same batch as the story rows (lock-step) would cost instead of the pre-pass. diffusers is imported when run only.
+it also times one plain UNet call of 2B and of 4B rows with its peak memory (``presets_report.py``);
+``--profile`` adds where each row's time goes (``profile.py``). diffusers is imported when run only.
 """
 from __future__ import annotations
 
 import math
-import platform
 import re
 import statistics
 import time
@@ -65,14 +67,16 @@ from ..story_sync.subject_tokens import frame_prompt_pieces, story_subjects, sub
 from ..surfaces.attention_modules import install_csa_hooks, install_identity_hooks, install_storysync_hooks
 from ..surfaces.instance_hooks import remove_hooks
 from ..surfaces.reach import Reach
-from .csa import _StorageLedger
-from .oneactor import BASE_TOKEN, TOKENS, added_conditioning, random_unet
-from .storysync_unet import attention_layers
+from .oneactor import BASE_TOKEN
+from .presets_inputs import Inputs, device_line, make_inputs, measure, synchronise
+from .presets_report import lockstep_calls, print_table
+from .profile import PREPASS, print_profiles, profile_generation
 
 IDENTITY = "a photo of a small red fox with a blue scarf | fox"
 FRAME_LINES = ("sitting in the snow", "running through a forest", "sleeping under an old tree",
                "watching the stars at night", "drinking from a river", "standing on a hill")
 STORY_PRESETS = ("1Prompt1Story", "StoryDiffusion", "StorySync", "Combined")
+LOCKSTEP = "StorySync, BLI lock-step"  # the StorySync preset, BLI's vanilla rows in its batch (no pre-pass)
 ONEACTOR_ROWS = (("OneActor η2 = 0", "fast", False), ("OneActor η2 > 0, two calls", "paper", False),
                  ("OneActor η2 > 0, folded", "paper", True))
 CFG_SCALE = 7.0  # the host's CFG scale (η1 unless the OneActor preset sets its own)
@@ -91,48 +95,6 @@ def story_text(frames: int) -> str:
 
 
 @dataclass
-class Inputs:
-    """What every row of one batch size shares: the UNet, its layers, the schedule, the noise and the text."""
-    unet: torch.nn.Module
-    config: dict
-    side: int
-    device: torch.device
-    dtype: torch.dtype
-    steps: int
-    attn1: list
-    attn2: list
-    timesteps: list[int]
-    sigmas: list[float]
-    noise: torch.Tensor  # (1, C, side, side): every frame starts from it
-    uncond: torch.Tensor  # (TOKENS, D)
-    added: dict | None  # SDXL micro-conditioning of one row
-
-    def encode(self, texts: Sequence[str]) -> list[torch.Tensor]:
-        """The host text encoder's stand-in: a seeded random (TOKENS, D) embedding per text."""
-        out = []
-        for text in texts:
-            generator = torch.Generator().manual_seed(zlib.crc32(text.encode()))
-            out.append(torch.randn(TOKENS, self.config["cross_attention_dim"], generator=generator)
-                       .to(self.device, self.dtype))
-        return out
-
-    def unet_call(self, x: torch.Tensor, step: int, context: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        t = torch.full((rows,), self.timesteps[step], device=self.device)
-        kwargs = {} if self.added is None else \
-            {"added_cond_kwargs": {k: v.expand(rows, *v.shape[1:]) for k, v in self.added.items()}}
-        return self.unet(x, t, encoder_hidden_states=context, **kwargs).sample
-
-
-def schedule(steps: int) -> tuple[list[int], list[float]]:
-    """Timesteps evenly spaced 999 -> 0 and their σ of SD's scaled-linear schedule, σ = 0 appended."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    alphas = torch.cumprod(1 - betas, 0)
-    timesteps = [round(float(t)) for t in torch.linspace(999, 0, steps, dtype=torch.float64)]
-    return timesteps, [float(((1 - alphas[t]) / alphas[t]) ** 0.5) for t in timesteps] + [0.0]
-
-
-@dataclass
 class Method:
     """One row's method, built fresh per generation (its states hold caches)."""
     frames: int
@@ -143,6 +105,7 @@ class Method:
     oneactor: OneActorBatch | None = None
     eta1: float = CFG_SCALE
     folded: bool = False
+    lockstep: bool = False  # BLI's vanilla trajectory as twin rows of the story's calls in the window
 
     def install(self, inputs: Inputs, reach: Reach) -> list:
         """Hooks in the A1111 adapter's order (IPCA first); ``reach`` wants each hook's surfaces on its layer."""
@@ -176,6 +139,10 @@ def build_method(name: str, inputs: Inputs, frames: int) -> Method:
 
     if name == "vanilla":
         return Method(frames, plain)
+    if name == LOCKSTEP:
+        method = build_method("StorySync", inputs, frames)
+        method.lockstep = method.storysync is not None
+        return method
     oneactor = {row: (preset, folded) for row, preset, folded in ONEACTOR_ROWS}
     if name in oneactor:
         preset, folded = oneactor[name]
@@ -216,13 +183,24 @@ def build_method(name: str, inputs: Inputs, frames: int) -> Method:
     return method
 
 
+def lockstep_layout(frames: int) -> RowLayout:
+    """Story cond rows, story uncond rows, then their vanilla twins (role OTHER) in the same order."""
+    every = tuple(range(frames))
+    return RowLayout(every * 4, (Role.COND,) * frames + (Role.UNCOND,) * frames + (Role.OTHER,) * (2 * frames),
+                     twins=tuple(range(2 * frames, 4 * frames)) + (-1,) * (2 * frames))
+
+
 def sample(inputs: Inputs, method: Method, cond: torch.Tensor, reach: Reach) -> torch.Tensor:
-    """The Euler loop over every step; returns the final latents (B, C, side, side)."""
+    """The Euler loop over every step; returns the final latents (B, C, side, side). With ``method.lockstep`` the
+    vanilla trajectory (the pre-pass's loop: plain CFG from the same noise) rides as twin rows in the window."""
     frames, steps, sigmas = method.frames, inputs.steps, inputs.sigmas
     uncond = inputs.uncond.expand(frames, -1, -1)
     x = inputs.noise.expand(frames, -1, -1, -1) * sigmas[0]
     cfg_layout = RowLayout(tuple(range(frames)) * 2, (Role.COND,) * frames + (Role.UNCOND,) * frames)
     oneactor = method.oneactor
+    if method.lockstep and oneactor is not None:
+        raise ValueError("presets bench: BLI lock-step is for the StorySync row only")
+    twin = x if method.lockstep else None  # the vanilla trajectory's latents while in the BLI window
     for step in range(steps):
         sigma = sigmas[step]
         for state in method.states:  # the denoiser call's step (on_cfg_denoiser)
@@ -238,6 +216,11 @@ def sample(inputs: Inputs, method: Method, cond: torch.Tensor, reach: Reach) -> 
         contexts = [target, uncond] + ([average] if average is not None and method.folded else [])
         layout = cfg_layout if len(rows) == 2 else RowLayout(tuple(range(frames)) * 3, (Role.COND,) * frames
                                                               + (Role.UNCOND,) * frames + (Role.COND,) * frames)
+        if twin is not None and not method.storysync.in_bli_window():
+            twin = None  # past the window: the story's rows alone, as after a pre-pass
+        if twin is not None:
+            twin_in = twin / math.sqrt(sigma ** 2 + 1)
+            rows, contexts, layout = rows + [twin_in, twin_in], contexts + [cond, uncond], lockstep_layout(frames)
         for state in method.states:  # the UNet call's rows (the row cursor's forward pre-hook)
             state.begin_unet_call(layout, (inputs.side, inputs.side))
         if method.ipca is not None:
@@ -247,6 +230,9 @@ def sample(inputs: Inputs, method: Method, cond: torch.Tensor, reach: Reach) -> 
         missing = reach.missing()
         if missing:
             raise RuntimeError(f"presets bench step {step}: the hooks missed {missing}")
+        if twin is not None:
+            vanilla = cluster_guidance(out[3 * frames:], out[2 * frames:3 * frames], None, method.eta1, 0.0)
+            twin, out = (twin.float() + (sigmas[step + 1] - sigma) * vanilla).to(inputs.dtype), out[:2 * frames]
         eps_cond, eps_uncond = out[:frames], out[frames:2 * frames]
         eps_average = out[2 * frames:] if len(rows) == 3 else None
         if average is not None and not method.folded:  # the hosts' fallback second call: B more cond rows
@@ -257,15 +243,10 @@ def sample(inputs: Inputs, method: Method, cond: torch.Tensor, reach: Reach) -> 
     return x
 
 
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def generate(inputs: Inputs, name: str, frames: int, prepass_done: Callable[[], None] = lambda: None
              ) -> tuple[torch.Tensor, float, float]:
     """One whole generation of row ``name``: (latents, seconds, seconds of BLI's pre-pass)."""
-    _synchronise(inputs.device)
+    synchronise(inputs.device)
     began = time.perf_counter()
     method = build_method(name, inputs, frames)
     reach = Reach()
@@ -273,9 +254,10 @@ def generate(inputs: Inputs, name: str, frames: int, prepass_done: Callable[[], 
     try:
         cond = method.conditioning()
         prepass = 0.0
-        if method.storysync is not None:
-            record_bli_window(method.storysync, lambda: sample(inputs, method, cond, reach), method.ipca)
-            _synchronise(inputs.device)
+        if method.storysync is not None and not method.lockstep:
+            with torch.profiler.record_function(PREPASS):  # a label for ``--profile`` (profile.py)
+                record_bli_window(method.storysync, lambda: sample(inputs, method, cond, reach), method.ipca)
+            synchronise(inputs.device)
             prepass = time.perf_counter() - began
             prepass_done()
         x = sample(inputs, method, cond, reach)
@@ -283,71 +265,22 @@ def generate(inputs: Inputs, name: str, frames: int, prepass_done: Callable[[], 
         remove_hooks(hooks)
         for state in method.states:
             state.close()
-    _synchronise(inputs.device)
+    synchronise(inputs.device)
     return x, time.perf_counter() - began, prepass
-
-
-def weights_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
-def measure(call: Callable[[object], object], inputs: Inputs) -> tuple[int, int]:
-    """(peak bytes, FLOPs) of ``call(counter)`` (``counter``: the ``FlopCounterMode`` counting it, or None): CUDA
-    ``max_memory_allocated`` of an uncounted run, then FLOPs in another; CPU the weights plus the dispatch ledger's
-    peak, in the counted run."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    device = inputs.device
-    if device.type == "cuda":
-        _synchronise(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        call(None)
-        _synchronise(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        with FlopCounterMode(display=False) as counter:
-            call(counter)
-        return peak, counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter, _StorageLedger() as ledger:
-        call(counter)
-    return weights_bytes(inputs.unet) + ledger.peak, counter.get_total_flops()
-
-
-def make_inputs(arch: str, device: torch.device, dtype: torch.dtype, steps: int, latent_side: int | None,
-                unet_config: dict | None) -> Inputs:
-    unet, config, side = random_unet(arch, device, dtype, latent_side, unet_config)
-    generator = torch.Generator().manual_seed(1)
-    noise = torch.randn(1, config["in_channels"], side, side, generator=generator).to(device, dtype)
-    uncond = torch.randn(TOKENS, config["cross_attention_dim"], generator=generator).to(device, dtype)
-    added = added_conditioning(config, 1, float(side * 8), generator, device, dtype)
-    timesteps, sigmas = schedule(steps)
-    layers = config["layers_per_block"]
-    return Inputs(unet, config, side, device, dtype, steps, attention_layers(unet, "attn1", layers),
-                  attention_layers(unet, "attn2", layers), timesteps, sigmas, noise, uncond, added)
-
-
-def device_line(device: torch.device, dtype: torch.dtype) -> str:
-    """The device in words: the GPU's name, or the CPU's model and torch's threads; then the dtype."""
-    if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
-    else:
-        model = platform.processor() or "CPU"
-        if platform.system() == "Linux":
-            with open("/proc/cpuinfo") as cpuinfo:
-                model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-                             model)
-        where = f"{model}, {torch.get_num_threads()} threads"
-    return f"{device} ({where}), {str(dtype).removeprefix('torch.')}"
 
 
 def run(arch: str, device: torch.device | str, dtype: torch.dtype, frames: int = 4, steps: int = 30,
         repeats: int = 3, latent_side: int | None = None, oneactor_batches: Sequence[int] = (1,), *,
-        unet_config: dict | None = None, print_fn: Callable[[str], None] = print) -> dict:
+        unet_config: dict | None = None, profile: bool = False, print_fn: Callable[[str], None] = print) -> dict:
     """Print and return the presets table: ``{(row, batch): {...}}`` figures (seconds, peak, flops, their ratios
     to the batch's vanilla, ``change``: max |latents − vanilla's| / max |vanilla's|), StorySync's pre-pass split under
-    ``("StorySync", frames)`` and the part-4 call figures under ``"lockstep"``."""
+    ``("StorySync", frames)``, the part-4 call figures under ``"lockstep"`` with ``latents_difference`` (the
+    lock-step row's latents against the pre-pass row's, relative); with ``profile`` one more generation per row
+    under the profiler (``profile.py``), printed after the table and returned under ``"profile"``."""
     device = torch.device(device)
     inputs = make_inputs(arch, device, dtype, steps, latent_side, unet_config)
-    rows = [("vanilla", frames)] + [(name, frames) for name in STORY_PRESETS]
+    story = [(name, frames) for name in STORY_PRESETS]
+    rows = [("vanilla", frames)] + story[:3] + [(LOCKSTEP, frames)] + story[3:]
     for batch in oneactor_batches:
         rows += ([("vanilla", batch)] if batch != frames else []) + [(name, batch) for name, _, _ in ONEACTOR_ROWS]
     figures: dict = {}
@@ -369,7 +302,7 @@ def run(arch: str, device: torch.device | str, dtype: torch.dtype, frames: int =
                 _, seconds, prepass = generate(inputs, name, batch)
                 figures[name, batch]["seconds"].append(seconds)
                 figures[name, batch]["prepass"].append(prepass)
-        lockstep = _lockstep(inputs, frames, repeats)
+        lockstep = lockstep_calls(inputs, frames, repeats)
     for row in figures.values():
         row["seconds"], row["prepass"] = statistics.median(row["seconds"]), statistics.median(row["prepass"])
     for (name, batch), row in figures.items():
@@ -378,56 +311,20 @@ def run(arch: str, device: torch.device | str, dtype: torch.dtype, frames: int =
         row["memory_ratio"] = row["peak"] / base["peak"]
         row["flops_ratio"] = row["flops"] / base["flops"]
     references = {batch: figures["vanilla", batch]["latents"].float() for name, batch in rows}
+    prepass = figures["StorySync", frames]["latents"].float()
+    lockstep["latents_difference"] = float((figures[LOCKSTEP, frames]["latents"].float() - prepass).abs().max()
+                                           / prepass.abs().max())
     for (name, batch), row in figures.items():
         reference = references[batch]
         row["change"] = float((row.pop("latents").float() - reference).abs().max() / reference.abs().max())
     figures["lockstep"] = lockstep
-    _print(figures, rows, inputs, arch, frames, repeats, print_fn)
+    print_table(figures, rows, inputs, arch, frames, repeats, device_line(device, dtype), LOCKSTEP,
+                print_fn)
+    if profile:
+        with torch.no_grad():
+            first, batch = rows[0]  # a discarded warm-up: the profiler's first run is slower
+            profile_generation(inputs, lambda: generate(inputs, first, batch))
+            figures["profile"] = {(name, batch): profile_generation(inputs, lambda: generate(inputs, name, batch))
+                                  for name, batch in rows}
+        print_profiles(figures["profile"], print_fn)
     return figures
-
-
-def _lockstep(inputs: Inputs, frames: int, repeats: int) -> dict[str, float]:
-    """One plain UNet call of 2B rows and of 4B rows: seconds (median) and peak memory."""
-    from .oneactor import median_seconds
-
-    out = {}
-    for rows in (2 * frames, 4 * frames):
-        x = inputs.noise.expand(rows, -1, -1, -1)
-        context = inputs.uncond.expand(rows, -1, -1)
-
-        def call() -> torch.Tensor:
-            return inputs.unet_call(x, inputs.steps // 2, context)
-
-        out[f"seconds_{rows}"] = median_seconds(call, inputs.device, repeats)
-        out[f"peak_{rows}"] = measure(lambda counter: call(), inputs)[0]
-    return out
-
-
-def _print(figures: dict, rows: list, inputs: Inputs, arch: str, frames: int, repeats: int,
-           print_fn: Callable[[str], None]) -> None:
-    gib = 2 ** 30
-    print_fn(f"presets: whole generations, {arch} UNet (random init), latent {inputs.side}x{inputs.side}, "
-             f"{inputs.steps} Euler steps, CFG, on {device_line(inputs.device, inputs.dtype)}; median of {repeats} "
-             f"generations per row")
-    memory = "CUDA max_memory_allocated" if inputs.device.type == "cuda" else \
-        "weights + peak of tensors allocated by aten ops (dispatch ledger)"
-    print_fn(f"memory: {memory}; FLOPs: FlopCounterMode over one whole generation")
-    print_fn(f"{'row':<28} {'batch':>5} {'s/image':>9} {'time x':>7} {'peak GiB':>9} {'mem x':>6} {'FLOPs x':>8}")
-    for name, batch in rows:
-        row = figures[name, batch]
-        print_fn(f"{name:<28} {batch:>5} {row['seconds'] / batch:>9.3f} {row['time_ratio']:>7.3f} "
-                 f"{row['peak'] / gib:>9.3f} {row['memory_ratio']:>6.3f} {row['flops_ratio']:>8.3f}")
-    story = figures["StorySync", frames]
-    vanilla = figures["vanilla", frames]
-    consistent = story["seconds"] - story["prepass"]
-    print_fn(f"StorySync: BLI pre-pass {story['prepass']:.2f} s ({story['prepass'] / vanilla['seconds']:.3f} of "
-             f"vanilla, {story['prepass_flops'] / vanilla['flops']:.3f} of its FLOPs), consistent pass "
-             f"{consistent:.2f} s (x{consistent / vanilla['seconds']:.3f}); "
-             f"vanilla {vanilla['seconds']:.2f} s per generation, {vanilla['flops'] / 1e12:.2f} TFLOP, "
-             f"peak {vanilla['peak'] / gib:.3f} GiB")
-    lock = figures["lockstep"]
-    two, four = 2 * frames, 4 * frames
-    print_fn(f"one plain UNet call: {two} rows {lock[f'seconds_{two}'] * 1e3:.1f} ms, peak "
-             f"{lock[f'peak_{two}'] / gib:.3f} GiB; {four} rows (BLI's vanilla rows in lock-step) "
-             f"{lock[f'seconds_{four}'] * 1e3:.1f} ms (x{lock[f'seconds_{four}'] / lock[f'seconds_{two}']:.2f}), "
-             f"peak {lock[f'peak_{four}'] / gib:.3f} GiB (x{lock[f'peak_{four}'] / lock[f'peak_{two}']:.2f})")

@@ -35,15 +35,29 @@ class Role(enum.Enum):
 
 @dataclass(frozen=True)
 class RowLayout:
-    """Frame index and role of every row of one UNet call; ``known=False`` means "cannot tell"."""
+    """Frame index and role of every row of one UNet call; ``known=False`` means "cannot tell".
+
+    ``twins`` (StorySync BLI in lock-step, methods.md §5.1 step 4 way (b)): per row, the row of the same call that
+    holds its vanilla twin (same frame, same branch, on the independent vanilla trajectory), or -1. A twin row is
+    ``Role.OTHER`` (it shares nothing) and has no twin itself. None: no twins in this call."""
 
     frames: tuple[int, ...]
     roles: tuple[Role, ...]
     known: bool = True
+    twins: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.frames) != len(self.roles):
             raise ValueError(f"RowLayout: {len(self.frames)} frames but {len(self.roles)} roles")
+        if self.twins is not None:
+            if len(self.twins) != len(self.frames):
+                raise ValueError(f"RowLayout: {len(self.twins)} twins for {len(self.frames)} rows")
+            for row, twin in enumerate(self.twins):
+                if twin == -1:
+                    continue
+                if not (0 <= twin < len(self.frames) and self.roles[twin] is Role.OTHER
+                        and self.twins[twin] == -1 and self.frames[twin] == self.frames[row]):
+                    raise ValueError(f"RowLayout: row {row}'s twin {twin} is not an OTHER row of the same frame")
 
     @property
     def num_rows(self) -> int:
@@ -54,7 +68,10 @@ class RowLayout:
         return self.known and len(self.frames) == num_rows
 
     def rows(self, start: int, stop: int) -> RowLayout:
-        return RowLayout(self.frames[start:stop], self.roles[start:stop])
+        """Rows ``start:stop``; a twin outside them becomes -1."""
+        twins = None if self.twins is None else \
+            tuple(t - start if start <= t < stop else -1 for t in self.twins[start:stop])
+        return RowLayout(self.frames[start:stop], self.roles[start:stop], twins=twins)
 
 
 UNKNOWN_LAYOUT = RowLayout((), (), known=False)
@@ -130,7 +147,7 @@ class A1111RowCursor:
         """Rows of role OTHER for ``frames`` (one per image) right after the plan's cond rows: another callback of
         this step put them there in the host's rows (OneActor's folded η2 rows). Before any UNet call of the step;
         an unknown plan stays unknown."""
-        if not self._plan.known or self._next_row:
+        if not self._plan.known or self._next_row or self._plan.twins is not None:
             self._plan, self._next_row = UNKNOWN_LAYOUT, 0
             return
         roles = self._plan.roles

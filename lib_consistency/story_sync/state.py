@@ -14,8 +14,9 @@ step per denoiser call, from the host, never by counting):
 2. Self-attention (attn1), input side, on the layers the CSA layer policy selects (StorySync preset: every up
    block): masked cross-image sharing (paper Eqs. 5-8, ``masked_sharing``) with mask and share dropouts, and BLI
    (paper Eq. 12): inside the window the queries' input becomes ``(1-λ)·X + λ·X_vanilla`` (``bli_inputs``: also
-   the keys' and values'), X_vanilla being the same layer's input in the vanilla pre-pass at the same step. BLI
-   runs on every self-attention layer (Eq. 12: all l), both CFG branches.
+   the keys' and values'), X_vanilla being the same layer's input in the vanilla pre-pass at the same step (or in
+   the twin rows of the same call, ``layout_interpolation``). BLI runs on every self-attention layer (Eq. 12: all
+   l), both CFG branches.
 3. Self-attention, output side, at ``RFH_LEVEL`` up blocks (SDXL output_blocks 3-5, SD1.5 6-8) within the RFH
    window, cond rows: Regional Feature Harmonization (paper Eqs. 9-11, ``harmonization``).
 
@@ -50,6 +51,7 @@ from ..story_diffusion.consistent_self_attention import (ContextGroup, LayerPoli
 from ..story_diffusion.reference_bank import BankKey, ReferenceBank
 from ..story_diffusion.state import BankMode
 from .harmonization import harmonize_rows
+from .layout_interpolation import record_vanilla_inputs, vanilla_inputs
 from .masked_sharing import PaddedSharing, plan_masked_sharing, reference_peers, sharing_masks
 from .subject_masks import MaskAccumulator, binarize, character_maps, drop_mask, resize_mask, subject_probabilities
 
@@ -285,15 +287,14 @@ class StorySyncState:
             if not self.in_bli_window():
                 raise PrePassDone()
             if self._interpolates_at(layer):
-                for row, (frame, role) in enumerate(zip(self.layout.frames, self.layout.roles)):
-                    self.bli_cache.write(BankKey(key, self.step, role, frame), hidden[row])
+                record_vanilla_inputs(self.bli_cache, self.layout, key, self.step, hidden)
             return None
         if self._masks_due(layer) and self._accumulator.grid is not None:  # the first up block: this call's masks
             self._finalize_masks()
         grid = self._grid(num_tokens)
         query, own = hidden, hidden
         if self.in_bli_window() and self._interpolates_at(layer):
-            cached = self._bli_inputs(key, hidden)
+            cached = vanilla_inputs(self.bli_cache, self.layout, key, self.step, hidden)
             if cached is not None:
                 query = torch.lerp(hidden, cached, self.settings.bli_strength)
                 own = query if self.settings.bli_inputs else hidden
@@ -304,15 +305,6 @@ class StorySyncState:
             if rest:
                 groups = [*groups, ContextGroup(rest, own.index_select(0, index_tensor(rest, own.device)))]
         return (query, groups) if groups else None
-
-    def _bli_inputs(self, key: str, hidden: torch.Tensor) -> torch.Tensor | None:
-        rows = []
-        for frame, role in zip(self.layout.frames, self.layout.roles):
-            entry = self.bli_cache.read(BankKey(key, self.step, role, frame), hidden.device, hidden.dtype)
-            if entry is None or entry.shape != hidden.shape[1:]:
-                return None  # no vanilla input for this step (e.g. other steps or size): no BLI
-            rows.append(entry)
-        return torch.stack(rows)
 
     def _sharing_groups(self, layer, key: str, grid, own: torch.Tensor) -> list[ContextGroup]:
         """Masked sharing of one layer call (paper Eqs. 5-8, 13): one padded context group for every row, or []."""

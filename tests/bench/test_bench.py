@@ -176,10 +176,17 @@ def test_presets_bench_runs_every_row_through_the_same_loop(one_thread):
     frames, steps = 2, 3
     lines: list[str] = []
     figures = bp.run("sd15", "cpu", torch.float32, frames=frames, steps=steps, repeats=1, latent_side=16,
-                     unet_config=TINY_UNET, print_fn=lines.append)
+                     unet_config=TINY_UNET, profile=True, print_fn=lines.append)
     story = {name: figures[name, frames] for name in ("vanilla",) + bp.STORY_PRESETS}
     oneactor = {name: figures[name, 1] for name in ("vanilla",) + tuple(row for row, _, _ in bp.ONEACTOR_ROWS)}
-    assert set(figures) == {*((n, frames) for n in story), *((n, 1) for n in oneactor), "lockstep"}
+    assert set(figures) == {*((n, frames) for n in story), *((n, 1) for n in oneactor), (bp.LOCKSTEP, frames),
+                            "lockstep", "profile"}
+    rows = [key for key in figures if isinstance(key, tuple)]
+    assert list(figures["profile"]) == rows  # every row profiled, in the table's order
+    assert figures["profile"][bp.LOCKSTEP, frames]["ranges"]["UNet call"][0] == steps  # no pre-pass calls
+    profiled = lines[-len(rows) - 1:]
+    lines = lines[:-len(rows) - 1]
+    assert profiled[0].startswith("profile (") and all(line.startswith("  ") for line in profiled[1:])
     for vanilla in (story["vanilla"], oneactor["vanilla"]):
         assert vanilla["time_ratio"] == vanilla["memory_ratio"] == vanilla["flops_ratio"] == 1.0
         assert vanilla["change"] == 0.0 and vanilla["prepass"] == 0.0
@@ -204,5 +211,89 @@ def test_presets_bench_runs_every_row_through_the_same_loop(one_thread):
     assert two_calls["flops_ratio"] == pytest.approx(1 + inside / (2 * steps))
     lock = figures["lockstep"]
     assert lock[f"peak_{4 * frames}"] > lock[f"peak_{2 * frames}"] and lock[f"seconds_{2 * frames}"] > 0
-    assert len(lines) == 3 + len(story) + len(oneactor) + 2
-    assert lines[-2].startswith("StorySync: BLI pre-pass ") and lines[-1].startswith("one plain UNet call: ")
+    # BLI in lock-step: no pre-pass, the same images as with it (float32; exact in float64, test below), the
+    # vanilla rows' FLOPs now inside the window's calls
+    lockstep = figures[bp.LOCKSTEP, frames]
+    assert lockstep["prepass"] == 0.0 and 0 < lock["latents_difference"] < 1e-4
+    assert lockstep["flops"] == pytest.approx(sync["flops"] - sync["prepass_flops"] + per_call, rel=0.02)
+    assert len(lines) == 3 + len(story) + 1 + len(oneactor) + 3
+    assert lines[-3].startswith("StorySync: BLI pre-pass ") and lines[-2].startswith("one plain UNet call: ")
+    assert lines[-1].startswith("StorySync, BLI pre-pass x")
+
+
+def test_bli_in_lock_step_equals_the_pre_pass_in_float64():
+    """StorySync with BLI's vanilla trajectory as twin rows of the window's calls (methods.md §5.1 step 4, way (b))
+    makes the images of the pre-pass (way (a)) to float64 rounding, over a window of two steps; without BLI's
+    strength the twins change nothing either; a twin-less call inside the window is refused."""
+    pytest.importorskip("diffusers")
+    from lib_consistency.bench import presets as bp
+    from lib_consistency.common.row_layout import Role, RowLayout
+    steps, frames = 12, 3  # window 0.1 of 12 steps: steps 0 and 1
+    inputs = bp.make_inputs("sd15", torch.device("cpu"), torch.float64, steps, 16, TINY_UNET)
+    with torch.no_grad():
+        prepass = bp.generate(inputs, "StorySync", frames)[0]
+        lockstep = bp.generate(inputs, bp.LOCKSTEP, frames)[0]
+        vanilla = bp.generate(inputs, "vanilla", frames)[0]
+    scale = prepass.abs().max()
+    assert (lockstep - prepass).abs().max() <= 1e-10 * scale
+    assert (prepass - vanilla).abs().max() > 1e-3 * scale  # StorySync did change the images
+    method = bp.build_method("StorySync", inputs, frames)
+    state = method.storysync
+    state.begin_step(0, 0, steps, inputs.sigmas[0])
+    assert state.in_bli_window()
+    every = tuple(range(frames))
+    half = RowLayout(every * 3, (Role.COND,) * frames + (Role.UNCOND,) * frames + (Role.OTHER,) * frames,
+                     twins=tuple(range(2 * frames, 3 * frames)) + (-1,) * (2 * frames))
+    state.begin_unet_call(half, (16, 16))
+    layer = next(address for address, _ in inputs.attn1 if state._interpolates_at(address))
+    with pytest.raises(RuntimeError, match="no vanilla row in this call"):
+        state.self_attention_groups(layer, torch.zeros(3 * frames, 64, 8, dtype=torch.float64))
+    state.close()
+
+
+def test_presets_profile_names_where_the_time_goes_and_leaves_nothing_behind(one_thread):
+    """``--profile``: every UNet call, attention module call and StorySync step of work is counted in its range
+    (exact counts), the ranges nest, profiling changes no latent, and every hook and wrapper is gone afterwards."""
+    pytest.importorskip("diffusers")
+    from lib_consistency.bench import presets as bp
+    from lib_consistency.bench import profile as bprof
+    from lib_consistency.story_sync.state import StorySyncState
+    steps, frames = 3, 2
+    inputs = bp.make_inputs("sd15", torch.device("cpu"), torch.float32, steps, 16, TINY_UNET)
+    originals = {(owner, name): owner.__dict__[name] for owner, name, _ in bprof.INTERNALS}
+    layers = len(inputs.attn1)
+    assert layers == len(inputs.attn2) > 0
+    with torch.no_grad():
+        plain = {name: bp.generate(inputs, name, frames)[0] for name in ("vanilla", "StorySync")}
+        latents = {}
+
+        def run(name):
+            latents[name] = bp.generate(inputs, name, frames)[0]
+
+        vanilla = bprof.profile_generation(inputs, lambda: run("vanilla"))
+        sync = bprof.profile_generation(inputs, lambda: run("StorySync"))
+    for name in plain:
+        assert torch.equal(latents[name], plain[name]), name
+    ranges = vanilla["ranges"]
+    assert set(ranges) == {"UNet call", "attn1", "attn2"}
+    assert ranges["UNet call"][0] == steps and ranges["attn1"][0] == ranges["attn2"][0] == steps * layers
+    # StorySync: the pre-pass makes its window's call (0/3 < 0.1) and stops in the first self-attention of the next
+    ranges = sync["ranges"]
+    assert ranges["BLI pre-pass"][0] == 1 and ranges["UNet call"][0] == steps + 2
+    assert ranges["attn1"][0] == (steps + 1) * layers + 1 and ranges["attn2"][0] >= (steps + 1) * layers
+    assert ranges["masks"][0] == steps  # once per consistent UNet call, at the first up block
+    assert ranges["RFH"][0] == (steps + 1) * layers  # called after every completed self-attention
+    assert ranges["subject maps"][0] > 0 and ranges["sharing plan"][0] > 0
+    for figures in (vanilla, sync):
+        host = {label: seconds for label, (_, seconds, _) in figures["ranges"].items()}
+        assert host["attn1"] + host["attn2"] <= host["UNet call"] <= figures["wall"]
+        assert figures["other"] == pytest.approx(figures["wall"] - host["UNet call"]) and figures["busy"] is None
+    assert host["BLI pre-pass"] < figures["wall"]
+    for (owner, name), original in originals.items():
+        assert owner.__dict__[name] is original
+    assert StorySyncState.__dict__["add_maps"] is originals[StorySyncState, "add_maps"]
+    for module in [inputs.unet] + [m for _, m in inputs.attn1 + inputs.attn2]:
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    lines: list[str] = []
+    bprof.print_profiles({("vanilla", frames): vanilla, ("StorySync", frames): sync}, lines.append)
+    assert len(lines) == 3 and "BLI pre-pass 1x" in lines[2] and "RFH" in lines[2] and "RFH" not in lines[1]

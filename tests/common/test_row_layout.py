@@ -184,6 +184,38 @@ def test_forge_unexpected_input_is_unknown(cond_or_uncond, batch_size, num_rows)
     assert forge_row_layout(cond_or_uncond, batch_size, num_rows, 0) is UNKNOWN_LAYOUT
 
 
+def _twinned(frames: int = 2) -> RowLayout:
+    """Story cond, story uncond, then their vanilla twins (BLI in lock-step)."""
+    every = tuple(range(frames))
+    return RowLayout(every * 4, (Role.COND,) * frames + (Role.UNCOND,) * frames + (Role.OTHER,) * (2 * frames),
+                     twins=tuple(range(2 * frames, 4 * frames)) + (-1,) * (2 * frames))
+
+
+@pytest.mark.parametrize("twins, message", [
+    ((4, 5, 6, 7, -1, -1, -1), "7 twins for 8 rows"),
+    ((4, 5, 6, 9, -1, -1, -1, -1), "row 3's twin 9"),  # outside the call
+    ((5, 4, 6, 7, -1, -1, -1, -1), "row 0's twin 5"),  # another frame's row
+    ((2, 5, 6, 7, -1, -1, -1, -1), "row 0's twin 2"),  # not an OTHER row
+    ((4, 5, 6, 7, -1, -1, 4, -1), "row 2's twin 6"),  # row 6 is a twin with a twin of its own
+])
+def test_twins_must_be_other_rows_of_the_same_frame(twins, message):
+    good = _twinned()
+    with pytest.raises(ValueError, match=message):
+        RowLayout(good.frames, good.roles, twins=twins)
+
+
+def test_a_slice_of_a_twinned_layout_rebases_twins_and_loses_those_outside():
+    layout = _twinned()
+    assert layout.rows(0, 8) == layout
+    assert layout.rows(2, 8).twins == (4, 5, -1, -1, -1, -1)  # the uncond rows keep theirs, re-based
+    assert layout.rows(0, 4).twins == (-1,) * 4  # a call of the story's rows alone: no twin in it
+    assert RowLayout((0, 1), (Role.COND, Role.COND)).rows(0, 1).twins is None
+    cursor = A1111RowCursor()
+    cursor.start_step(layout)
+    cursor.insert_after_cond((0, 1))  # OneActor's rows would shift the twins: the step is unknown instead
+    assert cursor.next_call(10) == UNKNOWN_LAYOUT
+
+
 def test_row_layout_rejects_mismatched_lengths():
     with pytest.raises(ValueError):
         RowLayout((0, 1), (C,))
