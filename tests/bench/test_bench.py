@@ -221,7 +221,12 @@ def test_presets_bench_runs_every_row_through_the_same_loop(one_thread):
     assert lines[-1].startswith("StorySync, BLI pre-pass x")
 
 
-def test_bli_in_lock_step_equals_the_pre_pass_in_float64():
+TINY_SDXL_UNET = dict(TINY_UNET, addition_embed_type="text_time", addition_time_embed_dim=4,
+                      projection_class_embeddings_input_dim=8 + 6 * 4)  # SDXL's added conditioning, tiny
+
+
+@pytest.mark.parametrize("config", [TINY_UNET, TINY_SDXL_UNET], ids=["sd15-like", "sdxl-like"])
+def test_bli_in_lock_step_equals_the_pre_pass_in_float64(config):
     """StorySync with BLI's vanilla trajectory as twin rows of the window's calls (methods.md §5.1 step 4, way (b))
     makes the images of the pre-pass (way (a)) to float64 rounding, over a window of two steps; without BLI's
     strength the twins change nothing either; a twin-less call inside the window is refused."""
@@ -229,7 +234,8 @@ def test_bli_in_lock_step_equals_the_pre_pass_in_float64():
     from lib_consistency.bench import presets as bp
     from lib_consistency.common.row_layout import Role, RowLayout
     steps, frames = 12, 3  # window 0.1 of 12 steps: steps 0 and 1
-    inputs = bp.make_inputs("sd15", torch.device("cpu"), torch.float64, steps, 16, TINY_UNET)
+    inputs = bp.make_inputs("sd15", torch.device("cpu"), torch.float64, steps, 16, config)
+    assert (inputs.added is not None) == (config is TINY_SDXL_UNET)
     with torch.no_grad():
         prepass = bp.generate(inputs, "StorySync", frames)[0]
         lockstep = bp.generate(inputs, bp.LOCKSTEP, frames)[0]
