@@ -59,7 +59,7 @@ def print_table(figures: dict, rows: list, inputs: Inputs, arch: str, frames: in
              f"{lock[f'peak_{two}'] / GIB:.3f} GiB; {four} rows (BLI's vanilla rows in lock-step) "
              f"{lock[f'seconds_{four}'] * 1e3:.1f} ms (x{lock[f'seconds_{four}'] / lock[f'seconds_{two}']:.2f}), "
              f"peak {lock[f'peak_{four}'] / GIB:.3f} GiB (x{lock[f'peak_{four}'] / lock[f'peak_{two}']:.2f})")
-    prepass_row, lockstep_row = figures["StorySync", frames], figures[lockstep_name, frames]
-    print_fn(f"StorySync, BLI pre-pass x{prepass_row['time_ratio']:.3f} time, x{prepass_row['memory_ratio']:.3f} "
+    lockstep_row = figures[lockstep_name, frames]
+    print_fn(f"StorySync, BLI pre-pass x{story['time_ratio']:.3f} time, x{story['memory_ratio']:.3f} "
              f"peak; BLI lock-step x{lockstep_row['time_ratio']:.3f} time, x{lockstep_row['memory_ratio']:.3f} peak; "
              f"lock-step latents against the pre-pass's: max difference {lock['latents_difference']:.2e} (relative)")

@@ -30,12 +30,13 @@ from ..story_diffusion.state import ConsistencyState
 from ..story_sync.state import StorySyncState
 
 PREFIX = "consistent-story/"
-PREPASS = PREFIX + "BLI pre-pass"
+PREPASS_LABEL = "BLI pre-pass"
+PREPASS = PREFIX + PREPASS_LABEL
 MODULE_RANGES = ("UNet call", "attn1", "attn2")
 INTERNALS = ((StorySyncState, "add_maps", "subject maps"), (StorySyncState, "_finalize_masks", "masks"),
              (StorySyncState, "_sharing_plan", "sharing plan"), (StorySyncState, "harmonize_output", "RFH"),
              (ConsistencyState, "contexts_for", "CSA contexts"))
-LABELS = ("BLI pre-pass",) + MODULE_RANGES + tuple(label for _, _, label in INTERNALS)
+LABELS = (PREPASS_LABEL,) + MODULE_RANGES + tuple(label for _, _, label in INTERNALS)
 
 
 def _ranged(function: Callable, label: str) -> Callable:
@@ -62,8 +63,7 @@ def labelled(unet: torch.nn.Module, attn1: list, attn2: list) -> Iterator[None]:
         open_ranges.pop().__exit__(None, None, None)
 
     try:
-        for label, modules in (("UNet call", [unet]), ("attn1", [m for _, m in attn1]),
-                               ("attn2", [m for _, m in attn2])):
+        for label, modules in zip(MODULE_RANGES, ([unet], [m for _, m in attn1], [m for _, m in attn2])):
             for module in modules:
                 handles.append(module.register_forward_pre_hook(enter(label)))
                 handles.append(module.register_forward_hook(leave, always_call=True))
