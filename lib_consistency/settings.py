@@ -149,6 +149,10 @@ class Settings:
                                      "OneActor", minimum=0.0, maximum=1.0, step=0.01)
     oneactor_cfg: float = _option(0.0, "OneActor CFG", "CFG scale eta1 with a character (0 = the WebUI's)",
                                   "OneActor", minimum=0.0, maximum=30.0, step=0.5)
+    # --- appended later ---
+    bli_lockstep: bool = _option(False, "BLI lock-step", "BLI's vanilla rows in the story's batch (faster, more memory)",
+                                 "StorySync", info="instead of a pre-pass, the vanilla trajectory is sampled beside "
+                                 "the story (txt2img without hires); falls back to the pre-pass where it cannot")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

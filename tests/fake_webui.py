@@ -14,7 +14,9 @@ import torch
 
 MODULE_NAMES = ("modules", "modules.devices", "modules.extra_networks", "modules.images", "modules.processing",
                 "modules.prompt_parser", "modules.sd_unet", "modules.shared", "modules.scripts",
-                "modules.script_callbacks", "modules.rng", "modules.paths", "modules.ui_extra_networks")
+                "modules.script_callbacks", "modules.rng", "modules.paths", "modules.ui_extra_networks",
+                "modules.sd_samplers")
+SAMPLER_OPTIONS = {"Euler": {}, "DPM++ 2M": {}, "DPM++ 2M SDE": {"brownian_noise": True}}  # sd_samplers' configs
 
 
 def parse_prompt(text: str):
@@ -114,6 +116,8 @@ def stub_modules() -> dict[str, types.ModuleType]:
                                                          skipped=False)
     mods["modules.shared"].total_tqdm = types.SimpleNamespace(update=lambda: None)
     mods["modules.rng"].ImageRNG = ImageRNG
+    mods["modules.sd_samplers"].find_sampler_config = \
+        lambda name: types.SimpleNamespace(options=SAMPLER_OPTIONS[name]) if name in SAMPLER_OPTIONS else None
     mods["modules.scripts"].Script = type("Script", (), {})
     mods["modules.scripts"].AlwaysVisible = object()
     for name in MODULE_NAMES[1:]:

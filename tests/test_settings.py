@@ -171,9 +171,21 @@ def test_storysync_options_are_appended_after_the_original_28():
 
 def test_oneactor_options_are_appended_after_storysync():
     keys = option_keys()
-    assert keys[36:] == ("oneactor_preset", "oneactor_v", "oneactor_eta2", "oneactor_window", "oneactor_cfg")
-    assert all(option(k).group == "OneActor" for k in keys[36:])
+    assert keys[36:41] == ("oneactor_preset", "oneactor_v", "oneactor_eta2", "oneactor_window", "oneactor_cfg")
+    assert all(option(k).group == "OneActor" for k in keys[36:41])
     assert {axis_label("oneactor_v"), axis_label("oneactor_eta2")} <= {axis_label(k) for k in axis_keys()}
+
+
+def test_bli_lockstep_is_appended_last_and_off_by_default():
+    keys = option_keys()
+    assert keys[41:] == ("bli_lockstep",) and option("bli_lockstep").group == "StorySync"
+    assert Settings().bli_lockstep is False and Settings().with_preset("StorySync").bli_lockstep is False
+    on = Settings.from_dict({"preset": "StorySync", "bli_lockstep": True})
+    assert on.to_infotext()["Story BLI lock-step"] == "True"
+    assert Settings.from_infotext(on.to_infotext()).bli_lockstep is True
+    assert Settings.from_args(Settings().to_args()[:41]).bli_lockstep is False  # an older API call's positions
+    with pytest.raises(SettingsError, match="bli_lockstep"):
+        Settings.from_dict({"bli_lockstep": "sometimes"})
 
 
 def test_oneactor_presets_fill_only_oneactor_keys():

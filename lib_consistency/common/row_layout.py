@@ -14,6 +14,10 @@ Neither host tells an attention layer what its batch rows are, and the two hosts
   (B = ``len(extra_options['sigmas'])``), usually uncond first; ``forge_row_layout`` reads it. A chunk marked
   ``FORGE_OTHER_CHUNK`` (2; OneActor's η2 rows folded into the call, ``hosts/forge.py``) holds rows of role OTHER.
 
+In BLI lock-step (``hosts/lockstep.py``) the host samples twice the story's images, the second half being the vanilla
+trajectory's twins: ``twinned_layout`` lays out such calls on both hosts, ``without_twins`` the rows that still need
+the UNet once the window is over.
+
 Anything that does not fit gives ``UNKNOWN_LAYOUT``; every attention hook then passes through unchanged.
 """
 from __future__ import annotations
@@ -75,6 +79,33 @@ class RowLayout:
 
 
 UNKNOWN_LAYOUT = RowLayout((), (), known=False)
+
+
+def twinned_layout(branch_roles: Sequence[Role], frames: Sequence[int]) -> RowLayout:
+    """Rows of a host call in BLI lock-step (methods.md §5.1 step 4 way (b); ``hosts/lockstep.py``): the host samples
+    the B story images followed by their B vanilla twins, so each CFG branch (``branch_roles``, in host order) is a
+    block of 2B rows, the B story rows then their twins (role OTHER, same frames). ``frames``: the B story frames."""
+    count, out_frames, roles, twins = len(frames), [], [], []
+    for block, role in enumerate(branch_roles):
+        start = 2 * count * block
+        out_frames += list(frames) * 2
+        roles += [role] * count + [Role.OTHER] * count
+        twins += [start + count + i for i in range(count)] + [-1] * count
+    return RowLayout(tuple(out_frames), tuple(roles), twins=tuple(twins))
+
+
+def without_twins(layout: RowLayout) -> tuple[RowLayout, tuple[int, ...], tuple[int, ...]]:
+    """Outside BLI's window the twin rows need no UNet: (the layout of the other rows, their indices in ``layout``,
+    and for every row of ``layout`` the index among them whose output it takes: a twin its story row's). The host's
+    sampler still steps the twins (their latents are dropped at the end)."""
+    if layout.twins is None:
+        rows = tuple(range(layout.num_rows))
+        return layout, rows, rows
+    twin_of = {t: r for r, t in enumerate(layout.twins) if t >= 0}
+    kept = tuple(r for r in range(layout.num_rows) if r not in twin_of)
+    position = {r: i for i, r in enumerate(kept)}
+    expand = tuple(position[twin_of.get(r, r)] for r in range(layout.num_rows))
+    return RowLayout(tuple(layout.frames[r] for r in kept), tuple(layout.roles[r] for r in kept)), kept, expand
 
 
 # ---------------------------------------------------------------------------------------------- A1111 1.10
@@ -169,14 +200,17 @@ class A1111RowCursor:
 
 
 def forge_row_layout(cond_or_uncond: Sequence[int], batch_size: int, num_rows: int,
-                     frame_offset: Frames) -> RowLayout:
+                     frame_offset: Frames, twinned: bool = False) -> RowLayout:
     """Layout of a Forge UNet call from ``extra_options`` (hosts.md §4.2).
 
     Row r is chunk ``r // B``, image ``r % B``, role ``cond_or_uncond[r // B]`` (0 = cond, 1 = uncond,
     ``FORGE_OTHER_CHUNK`` = other), with
-    ``B = len(extra_options['sigmas'])``; ``frame_offset``: the batch's first frame, or its B frames. Cached: Forge
-    patches rebuild the layout on every attention call.
+    ``B = len(extra_options['sigmas'])``; ``frame_offset``: the batch's first frame, or its B frames. ``twinned``
+    (BLI lock-step): B is the story's images then as many vanilla twins (``twinned_layout``), so ``frame_offset``
+    describes B/2 images. Cached: Forge patches rebuild the layout on every attention call.
     """
+    if twinned:
+        return _forge_twinned_layout(tuple(cond_or_uncond), batch_size, num_rows, frame_offset)
     return _forge_row_layout(tuple(cond_or_uncond), batch_size, num_rows, frame_offset)
 
 
@@ -197,6 +231,16 @@ def _forge_row_layout(cond_or_uncond: tuple[int, ...], batch_size: int, num_rows
     frames = tuple(images[r % batch_size] for r in range(num_rows))
     roles = tuple(_FORGE_ROLES[cond_or_uncond[r // batch_size]] for r in range(num_rows))
     return RowLayout(frames, roles)
+
+
+@functools.lru_cache(maxsize=64)
+def _forge_twinned_layout(cond_or_uncond: tuple[int, ...], batch_size: int, num_rows: int,
+                          frame_offset: Frames) -> RowLayout:
+    story = _forge_row_layout(cond_or_uncond, batch_size // 2, num_rows // 2, frame_offset)
+    if batch_size % 2 or num_rows != batch_size * len(cond_or_uncond) or not story.known:
+        return UNKNOWN_LAYOUT
+    images = batch_image_frames(frame_offset, batch_size // 2)
+    return twinned_layout([_FORGE_ROLES[c] for c in cond_or_uncond], images)
 
 
 # ------------------------------------------------------------------------------------------ token grids

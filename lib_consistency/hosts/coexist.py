@@ -204,6 +204,14 @@ def controlnet_batch_inputs(p, plan: StoryRunPlan, saved: dict) -> None:
             param.hr_hint_cond = hr_hint[take.to(hr_hint.device)]
 
 
+def controlnet_in_use(p) -> bool:
+    """A ControlNet unit is enabled for this job: sd-webui-controlnet's network of the job (its ``process`` sets
+    ``latest_network``, None without units) has control params, or Forge's built-in script has units' params."""
+    script = _alwayson(p, CONTROLNET_TITLE.__eq__)
+    network = getattr(script, "latest_network", None)
+    return bool(getattr(network, "control_params", None) or getattr(script, "current_params", None))
+
+
 def forge_controlnet_inputs(p, plan: StoryRunPlan) -> None:
     """Forge's built-in ControlNet, from the first ``p.sample``: its ``process`` lays a unit's inputs on the rows of a
     batch (row i takes input i mod N) and every batch starts again at input 0, so per-image inputs cannot follow a

@@ -7,7 +7,8 @@ The patches themselves (what each method does to an attention call) are the surf
 attention is Forge's ``backend.attention.attention_function`` (the kernel chosen at start-up), passed in. Forge Neo
 takes the same patches; only the memory kept free for the shared attention is asked for another way
 (``reserve_shared_attention_memory``, by capability). OneActor's η2 rows ride in the model call that holds the cond
-rows (a model function wrapper) and their term is subtracted by a post-CFG function (``patch_oneactor``).
+rows (a model function wrapper) and their term is subtracted by a post-CFG function (``patch_oneactor``). In BLI
+lock-step (``lockstep.py``) another model function wrapper marks the twin rows and cuts them after the window.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..common.row_layout import FORGE_OTHER_CHUNK
-from ..surfaces.forge_patches import (TRANSFORMER_OPTION, Attention, ForgeRunState, Patch, csa_replace, ipca_replace,
+from ..common.row_layout import FORGE_OTHER_CHUNK, Role, twinned_layout, without_twins
+from ..surfaces.forge_patches import (TRANSFORMER_OPTION, TWINS_OPTION, Attention, ForgeRunState, Patch, csa_replace, ipca_replace,
                                       plain_call, set_replace_all, storysync_output_patch, storysync_replace,
                                       with_subject_maps)
 from .oneactor.eta2 import second_call_forced
@@ -84,7 +85,66 @@ def patch_unet(p, generation, attention: Attention, latent_shape: Sequence[int] 
             log.info("cross-attention patch %s kept under ours", name)
             wrapped.append(name)
     unet.set_transformer_option(WRAPPED_OPTION, tuple(wrapped))  # read by OneActor's fold (foreign_row_readers)
+    if getattr(generation, "lockstep", False):
+        unet.model_options[WRAPPER] = lockstep_wrapper(storysync.in_bli_window, unet.model_options.get(WRAPPER))
     p.sd_model.forge_objects.unet = unet
+
+
+def _cut_twins(args: dict) -> tuple[dict, tuple[int, ...]] | None:
+    """The args of a lock-step model call without its twin rows, and for every row of the call the row of the cut
+    call whose output it takes (``without_twins``); None where a part of the call cannot be cut row-wise."""
+    chunks, x, c = list(args.get("cond_or_uncond", ())), args["input"], args["c"]
+    rows = x.shape[0]
+    if not chunks or rows % (2 * len(chunks)) or set(c) - FOLDABLE_KEYS or args["timestep"].shape[0] != rows:
+        return None
+    images = rows // len(chunks) // 2
+    _, kept, expand = without_twins(twinned_layout([Role.COND] * len(chunks), range(images)))
+    index = torch.tensor(kept, device=x.device)
+    cut = {}
+    for key, value in c.items():
+        if key == "transformer_options":
+            continue
+        if not isinstance(value, torch.Tensor) or value.shape[0] != rows:
+            return None
+        cut[key] = value.index_select(0, index.to(value.device))
+    options = {k: v for k, v in c.get("transformer_options", {}).items() if k != TWINS_OPTION}
+    sigmas = options.get("sigmas")
+    if isinstance(sigmas, torch.Tensor) and sigmas.shape[0] == 2 * images:
+        options["sigmas"] = sigmas[:images]
+    if isinstance(options.get("cond_mark"), torch.Tensor) and options["cond_mark"].shape[0] == rows:
+        options["cond_mark"] = options["cond_mark"].index_select(0, index.to(options["cond_mark"].device))
+    if "cond_indices" in options:  # as the host's compute_cond_indices, for chunks of the story's rows
+        options["cond_indices"] = [k * images + i for k, cx in enumerate(chunks) if cx == 0 for i in range(images)]
+        options["uncond_indices"] = [k * images + i for k, cx in enumerate(chunks) if cx != 0 for i in range(images)]
+    cut["transformer_options"] = options
+    return {**args, "input": x.index_select(0, index), "timestep": args["timestep"].index_select(0, index),
+            "c": cut}, expand
+
+
+def lockstep_wrapper(in_window: Callable[[], bool], foreign: Callable | None):
+    """``model_function_wrapper`` of a sampling call in BLI lock-step (``lockstep.py``). Host contract
+    (``calc_cond_uncond_batch``): every model call is ``wrapper(model.apply_model, {"input": [n·2B, ...],
+    "timestep": [n·2B], "c": {...}, "cond_or_uncond": n entries})``, each chunk the story's B rows then their B twins
+    (the sampler's batch is 2B), and its output is chunked by ``cond_or_uncond``. Inside BLI's window the call's
+    ``transformer_options`` get ``TWINS_OPTION`` (our patches lay the rows out with twins); after it the twin rows are
+    cut from the call (``_cut_twins``: the plain layout again) and each gets its story row's output. A call that
+    cannot be cut runs whole, twins marked. ``foreign``: the wrapper another extension had set, called inside ours."""
+    def call(apply_model, args):
+        if foreign is not None:
+            return foreign(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def wrapper(apply_model, args):
+        cut = None if in_window() else _cut_twins(args)
+        if cut is None:
+            c = args["c"]
+            options = {**c.get("transformer_options", {}), TWINS_OPTION: True}
+            return call(apply_model, {**args, "c": {**c, "transformer_options": options}})
+        story_args, expand = cut
+        out = call(apply_model, story_args)
+        return out.index_select(0, torch.tensor(expand, device=out.device))
+    wrapper.consistent_story_lockstep = True
+    return wrapper
 
 
 def oneactor_post_cfg(pending_for: Callable[[], Any], calc_batch: Callable, compile_conditions: Callable):

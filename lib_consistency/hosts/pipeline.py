@@ -32,7 +32,7 @@ import torch
 from modules import images, processing, sd_unet, shared
 
 from ..common.addresses import StepKey
-from ..common.row_layout import UNKNOWN_LAYOUT, A1111RowCursor, a1111_step_plan
+from ..common.row_layout import UNKNOWN_LAYOUT, A1111RowCursor, Role, a1111_step_plan, twinned_layout
 from ..one_prompt_one_story.ipca import IdentityAttentionState
 from ..settings import Settings
 from ..story.run import FrameConditioning, StoryRunPlan, csa_settings, plan_story_run
@@ -41,7 +41,7 @@ from ..story_diffusion.state import BankMode, ConsistencyState
 from ..story_sync.state import StorySyncState
 from ..surfaces.flux_blocks import sweep_flux
 from ..surfaces.reach import Reach
-from . import a1111, batches
+from . import a1111, batches, lockstep
 from .coexist import (check_host_prompts, controlnet_batch_inputs, forge_controlnet_inputs, hypertile_refusal,
                       keep_dynamic_prompts_off, restore_controlnet_inputs, split_controlnet_mark, with_controlnet_mark)
 from .conditioning import SDXL_POOLED_WIDTH, batch_conditioning
@@ -76,6 +76,8 @@ class StoryGeneration:
         self.hooks: list = []
         self.unet_hook_handle = None
         self.sampling = False
+        self.lockstep = False  # this p.sample carries BLI's vanilla twins beside the story's rows (lockstep.py)
+        self.twin_outputs: tuple[int, ...] | None = None  # A1111: this UNet call's rows cut to the story's (a1111.py)
         self.reach = Reach()  # the surfaces the settings ask for; every UNet call must enter them (guard.py)
         self.guard = SamplingGuard(self.reach)
         self.postprocess_error: Exception | None = None  # raised from p.close (the host swallows postprocess's)
@@ -210,7 +212,11 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
             except Exception as error:
                 raise RuntimeError(_message(error)) from error
             with batches.batch_rows(p, generation.plan):
-                if wants_prepass(p, generation.storysync):  # StorySync BLI: the vanilla trajectory first
+                if wants_prepass(p, generation.storysync):  # StorySync BLI: the vanilla trajectory, beside
+                    if generation.settings.bli_lockstep:    # the story or first
+                        if (reason := lockstep.refusal(p, args, kwargs)) is None:
+                            return lockstep.sample(p, generation, original_sample, kwargs)
+                        print(f"Consistent Story: BLI runs a pre-pass instead of lock-step ({reason})")
                     run_vanilla_prepass(p, generation.storysync, lambda: original_sample(*args, **kwargs),
                                         generation.ipca)
                 return original_sample(*args, **kwargs)
@@ -304,26 +310,28 @@ def on_cfg_denoiser(params) -> None:
     generation = getattr(p, RUN_ATTRIBUTE, None)
     if generation is None or not generation.sampling:
         return
-    batch = len(generation.plan.batch_frames(p.iteration))
+    frames = generation.plan.batch_frames(p.iteration)
+    copies = 2 if generation.lockstep else 1  # BLI lock-step: the story's images, then their vanilla twins
     cond = params.text_cond
     rows = (cond["crossattn"] if isinstance(cond, dict) else cond).shape[0]
-    if rows != batch:
+    if rows != copies * len(frames):
         generation.cursor.start_step(UNKNOWN_LAYOUT)  # unexpected rows (AND, another extension): pass through
         return
     if generation.batch_contexts is not None:
-        contexts = generation.batch_contexts
+        contexts = generation.batch_contexts.repeat(copies, 1, 1)
         if isinstance(cond, dict):  # SDXL DictWithShape: change keys in place, keep the instance
             reference = cond["crossattn"]
             mark, _ = split_controlnet_mark(reference)  # ControlNet's cond/uncond token stays first
             cond["crossattn"] = with_controlnet_mark(mark, contexts.to(reference.device, reference.dtype))
             if generation.batch_pooled is not None:
                 vector = cond["vector"]
-                pooled = generation.batch_pooled.to(vector.device, vector.dtype)
+                pooled = generation.batch_pooled.to(vector.device, vector.dtype).repeat(copies, 1)
                 cond["vector"] = torch.cat([pooled, vector[:, SDXL_POOLED_WIDTH:]], dim=1)
         else:
             mark, _ = split_controlnet_mark(cond)
             params.text_cond = with_controlnet_mark(mark, contexts.to(cond.device, cond.dtype))
-    generation.cursor.start_step(a1111_step_plan([1] * batch, generation.plan.batch_frames(p.iteration)))
+    generation.cursor.start_step(twinned_layout((Role.COND, Role.UNCOND), frames) if generation.lockstep
+                                 else a1111_step_plan([1] * len(frames), frames))
     if _uncond_skipped(params):
         generation.cursor.drop_uncond()
     step = StepKey(1 if getattr(p, "is_hr_pass", False) else 0, params.sampling_step, float(params.sigma[0]))

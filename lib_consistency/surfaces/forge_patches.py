@@ -4,7 +4,8 @@ One surface of ``surfaces/`` (see its ``__init__``), host-free: Forge's attentio
 ``hosts/forge.py`` registers these patches on a cloned UNet patcher (hosts.md §6). Host contract
 (``backend/nn/unet.py``): a replace patch gets ``(q, k, v, extra_options)`` for the call's own rows; ``extra_options``
 holds ``n_heads``, ``block``, ``block_index``, ``original_shape``, ``sigmas`` and ``cond_or_uncond`` (one entry per
-chunk of B rows, B = len(sigmas)), from which the row layout is read.
+chunk of B rows, B = len(sigmas)), from which the row layout is read (in BLI lock-step, ``TWINS_OPTION``: the last
+B/2 rows of every chunk are the vanilla twins of the first B/2, ``hosts/lockstep.py``).
 - consistent self-attention (attn1): the peer tokens' keys/values are gathered from the projected k/v (projection is
   per token, so gather-then-project equals project-then-gather); ``ConsistencyState.contexts_for`` runs on
   ``[k | v]`` token rows, so its sampling, character groups, schedule and bank work unchanged (the bank holds
@@ -38,6 +39,7 @@ from .reach import CSA, HARMONIZATION, IPCA, SHARING, SUBJECT_MAPS, Reach
 
 Attention = Callable[..., torch.Tensor]  # attention_function(q, k, v, heads, mask=None) on [R, T, heads·d]
 TRANSFORMER_OPTION = "consistent_story"
+TWINS_OPTION = "consistent_story_twins"  # set per call in BLI lock-step: each chunk's second half is the story's twins
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class ForgeRunState:
 
 def _layout(extra_options: dict, rows: int, frame_offset: Frames) -> RowLayout:
     return forge_row_layout(extra_options.get("cond_or_uncond", ()), len(extra_options.get("sigmas", ())), rows,
-                            frame_offset)
+                            frame_offset, twinned=bool(extra_options.get(TWINS_OPTION, False)))
 
 
 def _layer(extra_options: dict) -> tuple[str, int, int] | None:

@@ -41,10 +41,10 @@ from ..coexist import split_controlnet_mark, with_controlnet_mark
 from ..flux import ONEACTOR_ON_FLUX, flux_model
 from ..guard import CHECKED_ATTRIBUTE, checked_sampling, unet_module
 from ..tokenizers import clip_engine, token_items
-from . import eta2
+from . import RUN_ATTRIBUTE, eta2
 
 log = logging.getLogger(__name__)
-ATTRIBUTE = "consistent_story_oneactor"
+ATTRIBUTE = RUN_ATTRIBUTE
 NETWORK = "oneactor"
 HASHES_INFOTEXT_KEY = "OneActor hashes"
 WARNING_INFOTEXT_KEY = "OneActor warning"
