@@ -54,6 +54,7 @@ from .ui import STYLE_INFOTEXT_KEY
 from .xyz import OVERRIDES_ATTR
 
 RUN_ATTRIBUTE = "consistent_story_generation"
+BLI_NOTE_INFOTEXT_KEY = "Story BLI note"  # why lock-step was asked for and a pre-pass ran (not a setting)
 _AND = re.compile(r"\bAND\b")
 
 
@@ -217,6 +218,7 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
                         if (reason := lockstep.refusal(p, args, kwargs)) is None:
                             return lockstep.sample(p, generation, original_sample, kwargs)
                         print(f"Consistent Story: BLI runs a pre-pass instead of lock-step ({reason})")
+                        p.extra_generation_params[BLI_NOTE_INFOTEXT_KEY] = f"pre-pass instead of lock-step: {reason}"
                     run_vanilla_prepass(p, generation.storysync, lambda: original_sample(*args, **kwargs),
                                         generation.ipca)
                 return original_sample(*args, **kwargs)

@@ -102,6 +102,7 @@ def test_lockstep_draws_the_prepass_images_with_the_twins_cut_after_the_window(h
     assert len(getattr(p, pipeline.RUN_ATTRIBUTE).storysync.bli_cache) == 0  # no pre-pass cache: twins read live
     assert hooks_on(unet) == before
     assert p.extra_generation_params["Story BLI lock-step"] == "True"
+    assert "Story BLI note" not in p.extra_generation_params
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -119,7 +120,8 @@ def test_where_lockstep_cannot_hold_the_prepass_runs_and_says_why(host, capsys, 
         assert rows == [2 * frames] * 4 and "lock-step" not in printed
     else:
         assert rows == [2 * frames] * (3 + 4) and "BLI runs a pre-pass instead of lock-step" in printed
-        assert reason in printed
+        assert reason in printed and reason in p.extra_generation_params["Story BLI note"]
+        assert Settings.from_infotext(p.extra_generation_params).bli_lockstep is True
 
 
 def test_oneactor_characters_and_controlnet_fall_back_to_the_prepass(host):
