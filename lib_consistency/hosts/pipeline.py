@@ -319,6 +319,10 @@ def on_cfg_denoiser(params) -> None:
     if rows != copies * len(frames):
         generation.cursor.start_step(UNKNOWN_LAYOUT)  # unexpected rows (AND, another extension): pass through
         return
+    if generation.lockstep:  # the live preview the last step stored: the story's frames, not their twins too
+        latent = getattr(shared.state, "current_latent", None)
+        if isinstance(latent, torch.Tensor) and latent.shape[0] == rows:
+            shared.state.current_latent = latent[:len(frames)]
     if generation.batch_contexts is not None:
         contexts = generation.batch_contexts.repeat(copies, 1, 1)
         if isinstance(cond, dict):  # SDXL DictWithShape: change keys in place, keep the instance

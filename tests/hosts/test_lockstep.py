@@ -19,27 +19,48 @@ NAMED = "Bob: a tall man with red hair | man, hair\nAlice: a girl in a blue scar
 
 
 class Txt2ImgToy(ToyProcessing):
-    """``StableDiffusionProcessingTxt2Img.sample`` without hires: noise from ``p.rng``, the conditioning as given
-    (one row per image), ``steps`` denoiser calls of one UNet call each, with noise drawn from ``p.rng`` again at
-    every step (an ancestral sampler's)."""
+    """``StableDiffusionProcessingTxt2Img.sample``: noise from ``p.rng``, the conditioning as given (one row per
+    image), ``steps`` denoiser calls of one UNet call each, with noise drawn from ``p.rng`` again at every step (an
+    ancestral sampler's); with hires fix the first pass's latents and "decoded images" go to ``sample_hr_pass``,
+    which makes its own ``p.rng`` from the batch's seeds and samples 2 steps with ``hr_c``/``hr_uc``."""
 
     firstpass_image = None
     sampler_name = "Euler"
+    hires_inputs = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.previews: list[int | None] = []  # rows of the live preview when each step began
 
     @torch.no_grad()
     def sample(self, conditioning=None, unconditional_conditioning=None, on_cfg_denoiser=None):
-        unet = self.sd_model.model.diffusion_model
-        x = self.rng.next()
-        denoiser = types.SimpleNamespace(p=self, step=0, total_steps=self.steps)
-        for step in range(self.steps):
+        self.on_cfg_denoiser = on_cfg_denoiser
+        x = self._loop(self.rng.next(), conditioning, unconditional_conditioning, self.steps)
+        if not self.enable_hr:
+            return x
+        return self.sample_hr_pass(x, x.mean(dim=1, keepdim=True), self.seed[:self.batch_size], None, 0.0, None)
+
+    @torch.no_grad()
+    def sample_hr_pass(self, samples, decoded_samples, seeds, subseeds, subseed_strength, prompts):
+        self.hires_inputs = (samples.shape[0], decoded_samples.shape[0])
+        self.is_hr_pass, self.rng = True, ImageRNG((4, 8, 8), seeds)
+        return self._loop(samples + 0.1 * self.rng.next(), self.hr_c, self.hr_uc, 2)
+
+    def _loop(self, x, conditioning, unconditional_conditioning, steps):
+        from modules.shared import state
+        unet, state.current_latent = self.sd_model.model.diffusion_model, None
+        denoiser = types.SimpleNamespace(p=self, step=0, total_steps=steps)
+        for step in range(steps):
             if step == getattr(self, "fail_at_step", None):
                 raise RuntimeError("out of memory (simulated)")
             params = types.SimpleNamespace(x=x, sigma=torch.full((x.shape[0],), 10.0 - step), sampling_step=step,
-                                           total_sampling_steps=self.steps, text_cond=conditioning,
+                                           total_sampling_steps=steps, text_cond=conditioning,
                                            text_uncond=unconditional_conditioning, denoiser=denoiser)
-            on_cfg_denoiser(params)
+            self.on_cfg_denoiser(params)
+            self.previews.append(None if state.current_latent is None else state.current_latent.shape[0])
             out = unet(torch.cat([x, x]), None, context=torch.cat([params.text_cond, params.text_uncond]))
             x = x - 0.1 * (out[:x.shape[0]] - 0.5 * out[x.shape[0]:]) + 0.01 * self.rng.next()
+            state.current_latent = x  # sd_samplers_common.store_latent: the preview of every sampled row
             denoiser.step += 1
         return x
 
@@ -70,8 +91,8 @@ def generate(pipeline, model, steps=10, change=None, **values):
         pipeline.before_process(p, Settings.from_dict({"enabled": True, "story": NAMED, "preset": "StorySync",
                                                        "rfh_start": 0.0, "bli_steps": 0.3, **values}).to_args())
         p.rng = ImageRNG((4, 8, 8), p.seed[:p.batch_size])
-        cond = model.cond_stage_model.encode(p.prompt)
-        uncond = model.cond_stage_model.encode([""] * len(p.prompt))
+        p.hr_c = cond = model.cond_stage_model.encode(p.prompt)
+        p.hr_uc = uncond = model.cond_stage_model.encode([""] * len(p.prompt))
         out = p.sample(conditioning=cond, unconditional_conditioning=uncond, on_cfg_denoiser=pipeline.on_cfg_denoiser)
     finally:
         handle.remove()
@@ -97,6 +118,7 @@ def test_lockstep_draws_the_prepass_images_with_the_twins_cut_after_the_window(h
     assert (lockstep - no_bli).abs().max() > 1e-3  # BLI changes these images: the equality above is not vacuous
     # the window is 3 of 10 steps: 3 calls of the story's and the twins' cond+uncond rows, then the story's alone
     assert lockstep_rows == [4 * frames] * 3 + [2 * frames] * 7
+    assert p.previews == [None] + [frames] * 9  # the twins' latents never reach the live preview past a step
     assert prepass_rows == [2 * frames] * (3 + 1) + [2 * frames] * 10  # the pre-pass stops in its 4th call
     assert p.rng.generators[0].initial_seed() == p.seed[0] and len(p.rng.seeds) == frames  # the host's rng back
     assert len(getattr(p, pipeline.RUN_ATTRIBUTE).storysync.bli_cache) == 0  # no pre-pass cache: twins read live
@@ -105,8 +127,21 @@ def test_lockstep_draws_the_prepass_images_with_the_twins_cut_after_the_window(h
     assert "Story BLI note" not in p.extra_generation_params
 
 
+def test_with_hires_fix_the_hires_pass_gets_the_story_rows_of_a_lockstep_first_pass(host, capsys):
+    pipeline, model = host
+    prepass, _, prepass_rows = generate(pipeline, model, change=dict(enable_hr=True))
+    lockstep, p, rows = generate(pipeline, model, change=dict(enable_hr=True), bli_lockstep=True)
+    frames = p.batch_size
+    assert "pre-pass instead" not in capsys.readouterr().out and "Story BLI note" not in p.extra_generation_params
+    assert p.hires_inputs == (frames, frames) and lockstep.shape[0] == frames
+    assert rows == [4 * frames] * 3 + [2 * frames] * (7 + 2)  # the hires pass: the story's rows, all its methods
+    assert prepass_rows == [2 * frames] * (4 + 10 + 2)
+    torch.testing.assert_close(lockstep, prepass, rtol=1e-5, atol=1e-5)
+    assert "sample_hr_pass" not in p.__dict__ and p.rng.seeds == p.seed[:frames]  # the hires pass's own rng
+
+
 @pytest.mark.parametrize("change, reason", [
-    (dict(enable_hr=True), "txt2img without hires fix"),
+    (dict(sample_hr_pass=None), "lock-step runs on txt2img"),  # img2img has no hires pass
     (dict(sampler_name="DPM++ 2M SDE"), "Brownian noise"),
     (dict(firstpass_image="image"), None),  # hires from a first-pass image: no BLI at all
 ])
