@@ -6,9 +6,9 @@ Neither host tells an attention layer what its batch rows are, and the two hosts
 - A1111 1.10 (`CFGDenoiser.forward`, hosts.md §4.1): ``x_in`` holds the cond rows image by image (image i
   repeated ``repeats[i]`` times, one row per AND sub-prompt), then B uncond rows, then for an edit model with
   image-CFG B image-uncond rows. OneActor's η2 rows (``c + Δ_avg``, one per image) ride between the cond and the
-  uncond rows when it folds them into the host's call (``A1111RowCursor.insert_after_cond``). The host issues these rows to the UNet *in that order*: in one call, in calls of
-  B rows, as cond chunks followed by one uncond call (different token lengths), or cond rows only (uncond skipped
-  after the ``on_cfg_denoiser`` callback). ``a1111_step_plan`` builds the per-step plan in that callback and an
+  uncond rows when it folds them into the host's call (``A1111RowCursor.insert_after_cond``). The host issues these
+  rows to the UNet *in that order*: in one call, in calls of B rows, as cond chunks followed by one uncond call
+  (different token lengths), or cond rows only (uncond skipped after the ``on_cfg_denoiser`` callback). ``a1111_step_plan`` builds the per-step plan in that callback and an
   ``A1111RowCursor`` hands each UNet call the next slice of it (hosts.md §4.3).
 - Forge (hosts.md §4.2, §6.2): ``extra_options['cond_or_uncond']`` gives one role per chunk of B rows
   (B = ``len(extra_options['sigmas'])``), usually uncond first; ``forge_row_layout`` reads it. A chunk marked

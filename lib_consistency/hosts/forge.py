@@ -18,9 +18,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..common.row_layout import FORGE_OTHER_CHUNK, Role, twinned_layout, without_twins
-from ..surfaces.forge_patches import (TRANSFORMER_OPTION, TWINS_OPTION, Attention, ForgeRunState, Patch, csa_replace, ipca_replace,
-                                      plain_call, set_replace_all, storysync_output_patch, storysync_replace,
-                                      with_subject_maps)
+from ..surfaces.forge_patches import (TRANSFORMER_OPTION, TWINS_OPTION, Attention, ForgeRunState, Patch, csa_replace,
+                                      ipca_replace, plain_call, set_replace_all, storysync_output_patch,
+                                      storysync_replace, with_subject_maps)
 from .oneactor.eta2 import second_call_forced
 
 log = logging.getLogger(__name__)

@@ -49,16 +49,26 @@ def refusal(p, args: tuple, kwargs: dict) -> str | None:
         return "OneActor characters add rows of their own"
     if args or not set(CONDITIONING_KEYS) <= set(kwargs):
         return "this WebUI calls p.sample without named conditioning"
+    kinds = [type(kwargs[key]).__name__ for key in CONDITIONING_KEYS if not _doubles(kwargs[key])]
+    if kinds:
+        return f"lock-step cannot double conditioning of type {kinds[0]}"
     if getattr(p, "rng", None) is None:
         return "the batch has no noise generator"
     return None
 
 
+def _multicond(conditioning: Any) -> bool:
+    return isinstance(getattr(conditioning, "batch", None), list) and hasattr(conditioning, "shape")
+
+
+def _doubles(conditioning: Any) -> bool:
+    return _multicond(conditioning) or isinstance(conditioning, (list, torch.Tensor))
+
+
 def doubled(conditioning: Any) -> Any:
     """The host's conditioning object for the story's images followed by the same again (their twins)."""
-    batch = getattr(conditioning, "batch", None)
-    if isinstance(batch, list) and hasattr(conditioning, "shape"):  # MulticondLearnedConditioning
-        return type(conditioning)(shape=(2 * len(batch),), batch=batch * 2)
+    if _multicond(conditioning):  # prompt_parser.MulticondLearnedConditioning
+        return type(conditioning)(shape=(2 * len(conditioning.batch),), batch=conditioning.batch * 2)
     if isinstance(conditioning, list):  # the uncond: one schedule per image
         return conditioning * 2
     if isinstance(conditioning, torch.Tensor):
@@ -99,7 +109,7 @@ def sample(p, generation, original_sample: Callable[..., torch.Tensor], kwargs: 
     return samples[:rows]
 
 
-def _story_rows_to_hires(generation, rows: int, hires_pass: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+def _story_rows_to_hires(generation, rows: int, hires_pass: Callable[..., torch.Tensor]) -> Callable:
     """``p.sample_hr_pass`` taking the story's rows of the first pass's latents (and of their decoded images, which
     the host made for all 2B rows when its upscaler is not a latent one). Host contract (all three hosts):
     ``sample`` returns ``self.sample_hr_pass(samples, decoded_samples, seeds, subseeds, subseed_strength, prompts)``

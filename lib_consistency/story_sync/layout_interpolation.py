@@ -1,11 +1,12 @@
 """Base Layout Interpolation (StorySync paper §3.3, Eq. 12; methods.md §5.1 step 4): each row's vanilla
 self-attention input at a layer and step, from one of two places.
 
-- Way (a), the pre-pass (what the WebUIs run, ``hosts/prepass.py``): an independent vanilla trajectory with the same
+- Way (a), the pre-pass (the WebUIs' default, ``hosts/prepass.py``): an independent vanilla trajectory with the same
   seeds stopped after the window; ``record_vanilla_inputs`` writes every row's input to the cache and the
   consistent pass reads it back per (layer, step, role, frame).
-- Way (b), lock-step (the presets bench, ``bench/presets.py``): the vanilla trajectory's rows ride in the story's own
-  calls during the window, each story row's ``RowLayout.twins`` entry naming its vanilla row; no cache.
+- Way (b), lock-step (the WebUIs' ``bli_lockstep``, ``hosts/lockstep.py``; the presets bench): the vanilla
+  trajectory's rows ride in the story's own calls during the window, each story row's ``RowLayout.twins`` entry
+  naming its vanilla row; no cache.
 
 The blend itself, ``X = (1 − λ)·X_consistent + λ·X_vanilla``, is ``torch.lerp`` in ``StorySyncState``.
 """

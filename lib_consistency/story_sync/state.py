@@ -1,7 +1,7 @@
 """StorySync, one generation: the state its attention hooks and patches share (host-free).
 
 Method: StorySync (Gaur et al., arXiv 2508.03735); methods.md §5. One consistent pass, plus (for Base Layout
-Interpolation) a vanilla pre-pass over the BLI window that the host adapter runs first (``Phase.VANILLA``).
+Interpolation) a vanilla pre-pass over the BLI window run first (``Phase.VANILLA``), or its rows beside the story's.
 
 Per UNet call (the surfaces, ``surfaces/``, set the row layout and latent size per UNet call and the host adapter the
 step per denoiser call, from the host, never by counting):

@@ -4,6 +4,7 @@ window, the pre-pass wherever lock-step cannot hold, nothing left on the UNet.""
 from __future__ import annotations
 
 import importlib
+import sys
 import types
 
 import pytest
@@ -70,13 +71,18 @@ def host(monkeypatch, clip_tokenizer):
     install_stub_modules(monkeypatch)
     pipeline = importlib.import_module("lib_consistency.hosts.pipeline")
     model = ToyModel(clip_tokenizer, tiny_clip_text_model(16, seed=5))
-    with torch.no_grad():  # attention that matters: random toy weights leave BLI's effect below the rounding
-        for name, module in model.model.diffusion_model.named_modules():
+    scale_attention(model.model.diffusion_model)
+    return pipeline, model
+
+
+def scale_attention(unet):
+    """Attention that matters: random toy weights leave BLI's effect below the rounding."""
+    with torch.no_grad():
+        for name, module in unet.named_modules():
             if name.endswith("attn1"):
                 module.to_q.weight.mul_(6)
                 module.to_k.weight.mul_(6)
                 module.to_out[0].weight.mul_(20)
-    return pipeline, model
 
 
 def generate(pipeline, model, steps=10, change=None, **values):
@@ -162,11 +168,12 @@ def test_where_lockstep_cannot_hold_the_prepass_runs_and_says_why(host, capsys, 
 def test_oneactor_characters_and_controlnet_fall_back_to_the_prepass(host):
     pipeline, _ = host
     lockstep = importlib.import_module("lib_consistency.hosts.lockstep")
-    kwargs = dict(conditioning=1, unconditional_conditioning=2)
+    kwargs = dict(conditioning=torch.zeros(1), unconditional_conditioning=[[]])
     p = Txt2ImgToy.__new__(Txt2ImgToy)
     p.sd_model, p.rng, p.scripts = types.SimpleNamespace(), object(), None
     assert lockstep.refusal(p, (), kwargs) is None
     assert "named conditioning" in lockstep.refusal(p, (1, 2), {})
+    assert "conditioning of type int" in lockstep.refusal(p, (), dict(conditioning=1, unconditional_conditioning=[]))
     p.consistent_story_oneactor = types.SimpleNamespace(first=object())
     assert "OneActor" in lockstep.refusal(p, (), kwargs)
     del p.consistent_story_oneactor
@@ -197,19 +204,17 @@ def test_a_failed_lockstep_job_leaves_the_unet_and_the_rng_as_they_were(host):
     unet = model.model.diffusion_model
     before = hooks_on(unet)
     plain = ToyProcessing(model).sample(lambda params: None)
-    for conditioning, error in (("text", TypeError), (None, RuntimeError)):
-        p = Txt2ImgToy(model, steps=6)
-        p.fail_at_step = 4  # after the window: the twin rows are being cut
-        pipeline.before_process(p, Settings.from_dict({"enabled": True, "story": NAMED, "preset": "StorySync",
-                                                       "bli_lockstep": True}).to_args())
-        host_rng = p.rng = ImageRNG((4, 8, 8), p.seed[:p.batch_size])
-        cond = conditioning or model.cond_stage_model.encode(p.prompt)
-        uncond = conditioning or model.cond_stage_model.encode([""] * len(p.prompt))
-        with pytest.raises(error, match="BLI lock-step cannot double|out of memory"):
-            p.sample(conditioning=cond, unconditional_conditioning=uncond, on_cfg_denoiser=pipeline.on_cfg_denoiser)
-        generation = getattr(p, pipeline.RUN_ATTRIBUTE)
-        assert p.rng is host_rng and not generation.lockstep and hooks_on(unet) == before
-        p.close()
+    p = Txt2ImgToy(model, steps=6)
+    p.fail_at_step = 4  # after the window: the twin rows are being cut
+    pipeline.before_process(p, Settings.from_dict({"enabled": True, "story": NAMED, "preset": "StorySync",
+                                                   "bli_lockstep": True}).to_args())
+    host_rng = p.rng = ImageRNG((4, 8, 8), p.seed[:p.batch_size])
+    cond, uncond = model.cond_stage_model.encode(p.prompt), model.cond_stage_model.encode([""] * len(p.prompt))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        p.sample(conditioning=cond, unconditional_conditioning=uncond, on_cfg_denoiser=pipeline.on_cfg_denoiser)
+    generation = getattr(p, pipeline.RUN_ATTRIBUTE)
+    assert p.rng is host_rng and not generation.lockstep and hooks_on(unet) == before
+    p.close()
     assert torch.equal(ToyProcessing(model).sample(lambda params: None), plain)
 
 
@@ -268,3 +273,78 @@ def test_forge_wrapper_marks_the_twins_in_the_window_and_cuts_them_after(host):
     wrapper(lambda x, t, **kw: calls.append((x.shape[0], kw["transformer_options"].get(TWINS_OPTION))) or x,
             with_control)
     assert calls == [(rows, True)]
+
+
+# --- Forge: the whole story through the stand-in of Forge's sampling ----------------------------------------------
+
+
+@pytest.fixture
+def forge_host(monkeypatch, clip_tokenizer):
+    from tests.forge_sampling_standin import install_backend
+    from tests.forge_standin import attention_function
+    install_stub_modules(monkeypatch)
+    install_backend(monkeypatch)
+    attention = types.ModuleType("backend.attention")
+    attention.attention_function = attention_function
+    monkeypatch.setitem(sys.modules, "backend.attention", attention)
+    return importlib.import_module("lib_consistency.hosts.pipeline"), clip_tokenizer
+
+
+def forge_generate(pipeline, tokenizer, **values):
+    """One story job on Forge: ``forge_objects`` reset, ``process_before_every_sampling`` with the noise, then per step
+    the denoiser callback and ``sampling_function`` (the model function wrapper, cond_or_uncond chunks); ancestral
+    noise from ``p.rng``. Returns (latents, p, (rows, cond_or_uncond) of every model call)."""
+    from tests.forge_sampling_standin import sampling_function, toy_apply_model
+    from tests.forge_standin import ForgeProcessing, forge_model
+    model = forge_model(tokenizer, tiny_clip_text_model(16, seed=5))
+    scale_attention(model.model.diffusion_model)
+    base, calls = model.forge_objects_after_applying_lora.unet, []
+    base.model.apply_model = toy_apply_model(base.model.diffusion_model, calls)
+
+    class ForgeTxt2Img(ForgeProcessing):
+        firstpass_image = None
+        sampler_name = "Euler"
+
+        def sample_hr_pass(self, *args):
+            raise AssertionError("no hires fix here")
+
+        def sample(self, conditioning=None, unconditional_conditioning=None, on_cfg_denoiser=None):
+            model.forge_objects = types.SimpleNamespace(unet=base)
+            x = self.rng.next()
+            pipeline.process_before_every_sampling(self, x)
+            patched = model.forge_objects.unet
+            denoiser = types.SimpleNamespace(p=self, step=0, total_steps=self.steps)
+            for step in range(self.steps):
+                params = types.SimpleNamespace(x=x, sigma=torch.full((x.shape[0],), 10.0 - step), sampling_step=step,
+                                               total_sampling_steps=self.steps, text_cond=conditioning,
+                                               text_uncond=unconditional_conditioning, denoiser=denoiser)
+                on_cfg_denoiser(params)
+                denoised = sampling_function(patched, x, params.sigma, params.text_cond, params.text_uncond, 5.0)
+                x = x + 0.3 * (denoised - x) + 0.01 * self.rng.next()
+                denoiser.step += 1
+            return x
+
+    p = ForgeTxt2Img(model, steps=10)
+    pipeline.before_process(p, Settings.from_dict({"enabled": True, "story": NAMED, "preset": "StorySync",
+                                                   "rfh_start": 0.0, "bli_steps": 0.3, **values}).to_args())
+    p.rng = ImageRNG((4, 8, 8), p.seed[:p.batch_size])
+    cond = model.cond_stage_model.encode(p.prompt)
+    uncond = model.cond_stage_model.encode([""] * len(p.prompt))
+    with torch.no_grad():
+        out = p.sample(conditioning=cond, unconditional_conditioning=uncond, on_cfg_denoiser=pipeline.on_cfg_denoiser)
+    return out, p, calls
+
+
+def test_forge_lockstep_draws_the_prepass_images_through_the_model_wrapper(forge_host, capsys):
+    pipeline, tokenizer = forge_host
+    prepass, _, prepass_calls = forge_generate(pipeline, tokenizer)
+    lockstep, p, calls = forge_generate(pipeline, tokenizer, bli_lockstep=True)
+    no_bli, _, _ = forge_generate(pipeline, tokenizer, bli_strength=0.0)
+    assert "pre-pass instead" not in capsys.readouterr().out
+    frames = p.batch_size
+    torch.testing.assert_close(lockstep, prepass, rtol=1e-5, atol=1e-5)
+    assert (lockstep - no_bli).abs().max() > 1e-3
+    # one model call per step, the uncond chunk first: 2·2B rows in the window, the story's 2B rows after it
+    assert calls == [(4 * frames, [1, 0])] * 3 + [(2 * frames, [1, 0])] * 7
+    assert prepass_calls == [(2 * frames, [1, 0])] * (4 + 10)
+    assert "model_function_wrapper" not in p.sd_model.forge_objects_after_applying_lora.unet.model_options
