@@ -78,7 +78,8 @@ def doubled(conditioning: Any) -> Any:
 
 def sample(p, generation, original_sample: Callable[..., torch.Tensor], kwargs: dict) -> torch.Tensor:
     """The host's ``p.sample`` for the story's B images and their B vanilla twins; returns the story's B samples
-    (with hires fix: the hires pass's, which gets the story's B first-pass samples, ``_story_rows_to_hires``)."""
+    (with hires fix: what the hires pass returns, which got the story's B first-pass samples,
+    ``_story_rows_to_hires``)."""
     rows = len(generation.plan.batch_frames(p.iteration))
     host_rng = p.rng
     subseeds = None if host_rng.subseeds is None else list(host_rng.subseeds) * 2
@@ -102,9 +103,10 @@ def sample(p, generation, original_sample: Callable[..., torch.Tensor], kwargs: 
                 del p.sample_hr_pass
             else:
                 p.sample_hr_pass = own_hires_pass
-    expected = rows if hires else 2 * rows
-    if not isinstance(samples, torch.Tensor) or samples.shape[0] != expected:
-        raise RuntimeError(f"Consistent Story: BLI lock-step expected {expected} latents from the sampler, got "
+    if hires:
+        return samples  # what the hires pass made of the story's rows (A1111: their decoded images)
+    if not isinstance(samples, torch.Tensor) or samples.shape[0] != 2 * rows:
+        raise RuntimeError(f"Consistent Story: BLI lock-step expected {2 * rows} latents from the sampler, got "
                            f"{getattr(samples, 'shape', type(samples).__name__)}")
     return samples[:rows]
 

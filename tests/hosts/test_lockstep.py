@@ -23,7 +23,8 @@ class Txt2ImgToy(ToyProcessing):
     """``StableDiffusionProcessingTxt2Img.sample``: noise from ``p.rng``, the conditioning as given (one row per
     image), ``steps`` denoiser calls of one UNet call each, with noise drawn from ``p.rng`` again at every step (an
     ancestral sampler's); with hires fix the first pass's latents and "decoded images" go to ``sample_hr_pass``,
-    which makes its own ``p.rng`` from the batch's seeds and samples 2 steps with ``hr_c``/``hr_uc``."""
+    which makes its own ``p.rng`` from the batch's seeds, samples 2 steps with ``hr_c``/``hr_uc`` and returns a list
+    (A1111 decodes the hires latents there: ``DecodedSamples``)."""
 
     firstpass_image = None
     sampler_name = "Euler"
@@ -45,7 +46,7 @@ class Txt2ImgToy(ToyProcessing):
     def sample_hr_pass(self, samples, decoded_samples, seeds, subseeds, subseed_strength, prompts):
         self.hires_inputs = (samples.shape[0], decoded_samples.shape[0])
         self.is_hr_pass, self.rng = True, ImageRNG((4, 8, 8), seeds)
-        return self._loop(samples + 0.1 * self.rng.next(), self.hr_c, self.hr_uc, 2)
+        return list(self._loop(samples + 0.1 * self.rng.next(), self.hr_c, self.hr_uc, 2))  # (DecodedSamples)
 
     def _loop(self, x, conditioning, unconditional_conditioning, steps):
         from modules.shared import state
@@ -139,7 +140,8 @@ def test_with_hires_fix_the_hires_pass_gets_the_story_rows_of_a_lockstep_first_p
     lockstep, p, rows = generate(pipeline, model, change=dict(enable_hr=True), bli_lockstep=True)
     frames = p.batch_size
     assert "pre-pass instead" not in capsys.readouterr().out and "Story BLI note" not in p.extra_generation_params
-    assert p.hires_inputs == (frames, frames) and lockstep.shape[0] == frames
+    assert p.hires_inputs == (frames, frames) and len(lockstep) == frames
+    lockstep, prepass = torch.stack(lockstep), torch.stack(prepass)
     assert rows == [4 * frames] * 3 + [2 * frames] * (7 + 2)  # the hires pass: the story's rows, all its methods
     assert prepass_rows == [2 * frames] * (4 + 10 + 2)
     torch.testing.assert_close(lockstep, prepass, rtol=1e-5, atol=1e-5)
