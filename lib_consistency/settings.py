@@ -152,7 +152,7 @@ class Settings:
     # --- appended later ---
     bli_lockstep: bool = _option(False, "BLI lock-step", "BLI's vanilla rows in the story's batch (faster, more memory)",
                                  "StorySync", info="instead of a pre-pass, the vanilla trajectory is sampled beside "
-                                 "the story (txt2img without hires); falls back to the pre-pass where it cannot")
+                                 "the story (txt2img); falls back to the pre-pass where it cannot")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -213,8 +213,8 @@ def _wrap_sampling(p, generation: StoryGeneration) -> None:
             except Exception as error:
                 raise RuntimeError(_message(error)) from error
             with batches.batch_rows(p, generation.plan):
-                if wants_prepass(p, generation.storysync):  # StorySync BLI: the vanilla trajectory, beside
-                    if generation.settings.bli_lockstep:    # the story or first
+                if wants_prepass(p, generation.storysync):  # StorySync BLI: the vanilla trajectory...
+                    if generation.settings.bli_lockstep:  # ...beside the story's rows (lockstep.py), or first
                         if (reason := lockstep.refusal(p, args, kwargs)) is None:
                             return lockstep.sample(p, generation, original_sample, kwargs)
                         print(f"Consistent Story: BLI runs a pre-pass instead of lock-step ({reason})")
