@@ -353,10 +353,12 @@ def test_storysync_bli_in_lockstep_draws_the_prepass_images():
         assert "Story BLI lock-step: True" in info and "Story BLI note" not in info
         apart = [max(abs(x - y) for x, y in zip(pixels(runs["lockstep"], i), pixels(runs["prepass"], i)))
                  for i in range(3)]
+        close = [difference(pixels(runs["lockstep"], i), pixels(runs["prepass"], i)) for i in range(3)]
         bli = [difference(pixels(runs["no_bli"], i), pixels(runs["prepass"], i)) for i in range(3)]
-        print(f"hires {bool(extra)}: lock-step against pre-pass, max pixel difference per frame: {apart}; "
+        print(f"hires {bool(extra)}: lock-step against pre-pass, per frame max {apart}, mean {close}; "
               f"BLI off against on, mean: {bli}")
         assert max(apart) <= 2 and max(bli) > 0.01  # ([NC] frames share nothing: BLI leaves them as they are)
+        assert sum(close) < sum(bli) / 4  # lock-step is the pre-pass's BLI, not BLI off
     assert image_bytes(txt2img(sampler_name="Euler a")) == plain_before
     combined = dict(preset="Combined", masked_sharing=True, csa_layers="up", bli_steps=0.5)  # consolidated contexts
     pair = [txt2img(storysync_args(**combined, bli_lockstep=on), steps=4) for on in (False, True)]
