@@ -111,13 +111,15 @@ def hooks_on(unet):
             len(unet._forward_pre_hooks), len(unet._forward_hooks))
 
 
-def test_lockstep_draws_the_prepass_images_with_the_twins_cut_after_the_window(host, capsys):
+@pytest.mark.parametrize("preset", [dict(), dict(preset="Combined", masked_sharing=True, csa_layers="up")],
+                         ids=["StorySync", "consolidated contexts and IPCA"])
+def test_lockstep_draws_the_prepass_images_with_the_twins_cut_after_the_window(host, capsys, preset):
     pipeline, model = host
     unet = model.model.diffusion_model
     before = hooks_on(unet)
-    prepass, _, prepass_rows = generate(pipeline, model)
-    lockstep, p, lockstep_rows = generate(pipeline, model, bli_lockstep=True)
-    no_bli, _, _ = generate(pipeline, model, bli_strength=0.0)
+    prepass, _, prepass_rows = generate(pipeline, model, **preset)
+    lockstep, p, lockstep_rows = generate(pipeline, model, bli_lockstep=True, **preset)
+    no_bli, _, _ = generate(pipeline, model, bli_strength=0.0, **preset)
     assert "pre-pass instead" not in capsys.readouterr().out
     frames = p.batch_size
     assert lockstep.shape == prepass.shape == (frames, 4, 8, 8)
