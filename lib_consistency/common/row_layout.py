@@ -8,8 +8,9 @@ Neither host tells an attention layer what its batch rows are, and the two hosts
   image-CFG B image-uncond rows. OneActor's η2 rows (``c + Δ_avg``, one per image) ride between the cond and the
   uncond rows when it folds them into the host's call (``A1111RowCursor.insert_after_cond``). The host issues these
   rows to the UNet *in that order*: in one call, in calls of B rows, as cond chunks followed by one uncond call
-  (different token lengths), or cond rows only (uncond skipped after the ``on_cfg_denoiser`` callback). ``a1111_step_plan`` builds the per-step plan in that callback and an
-  ``A1111RowCursor`` hands each UNet call the next slice of it (hosts.md §4.3).
+  (different token lengths), or cond rows only (uncond skipped after the ``on_cfg_denoiser`` callback).
+  ``a1111_step_plan`` builds the per-step plan in that callback and an ``A1111RowCursor`` hands each UNet call the
+  next slice of it (hosts.md §4.3).
 - Forge (hosts.md §4.2, §6.2): ``extra_options['cond_or_uncond']`` gives one role per chunk of B rows
   (B = ``len(extra_options['sigmas'])``), usually uncond first; ``forge_row_layout`` reads it. A chunk marked
   ``FORGE_OTHER_CHUNK`` (2; OneActor's η2 rows folded into the call, ``hosts/forge.py``) holds rows of role OTHER.

@@ -12,8 +12,8 @@ def test_storysync_bli_in_lockstep_draws_the_prepass_images():
     """BLI's vanilla rows sampled beside the story's (``bli_lockstep``) instead of in a pre-pass: with an ancestral
     sampler (noise drawn at every step) the frames are the pre-pass's within rounding (the batch is twice as large),
     with and without hires fix, and with 1Prompt1Story's consolidated contexts (Combined with masked sharing); no
-    note says a pre-pass ran; BLI off gives other frames; a plain run afterwards is unchanged. With an SDE sampler lock-step falls back to the pre-pass (the pre-pass run's pixels) and the
-    infotext says why."""
+    note says a pre-pass ran; BLI off gives other frames; a plain run afterwards is unchanged. With an SDE sampler
+    lock-step falls back to the pre-pass (the pre-pass run's pixels) and the infotext says why."""
     plain_before = image_bytes(txt2img(sampler_name="Euler a"))
     hires = dict(enable_hr=True, hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.6,
                  hr_additional_modules=["Use same choices"])
