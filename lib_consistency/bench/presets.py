@@ -53,7 +53,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..common.addresses import StepKey
-from ..common.row_layout import Role, RowLayout
+from ..common.row_layout import Role, RowLayout, twinned_layout
 from ..one_prompt_one_story.ipca import IdentityAttentionState
 from ..oneactor.guidance import cluster_guidance
 from ..oneactor.inference import CharacterUse, OneActorBatch
@@ -183,13 +183,6 @@ def build_method(name: str, inputs: Inputs, frames: int) -> Method:
     return method
 
 
-def lockstep_layout(frames: int) -> RowLayout:
-    """Story cond rows, story uncond rows, then their vanilla twins (role OTHER) in the same order."""
-    every = tuple(range(frames))
-    return RowLayout(every * 4, (Role.COND,) * frames + (Role.UNCOND,) * frames + (Role.OTHER,) * (2 * frames),
-                     twins=tuple(range(2 * frames, 4 * frames)) + (-1,) * (2 * frames))
-
-
 def sample(inputs: Inputs, method: Method, cond: torch.Tensor, reach: Reach) -> torch.Tensor:
     """The Euler loop over every step; returns the final latents (B, C, side, side). With ``method.lockstep`` the
     vanilla trajectory (the pre-pass's loop: plain CFG from the same noise) rides as twin rows in the window."""
@@ -218,9 +211,10 @@ def sample(inputs: Inputs, method: Method, cond: torch.Tensor, reach: Reach) -> 
                                                               + (Role.UNCOND,) * frames + (Role.COND,) * frames)
         if twin is not None and not method.storysync.in_bli_window():
             twin = None  # past the window: the story's rows alone, as after a pre-pass
-        if twin is not None:
+        if twin is not None:  # the WebUIs' order (``twinned_layout``): each branch's story rows, then their twins
             twin_in = twin / math.sqrt(sigma ** 2 + 1)
-            rows, contexts, layout = rows + [twin_in, twin_in], contexts + [cond, uncond], lockstep_layout(frames)
+            rows, contexts = [x_in, twin_in, x_in, twin_in], [target, cond, uncond, uncond]
+            layout = twinned_layout((Role.COND, Role.UNCOND), range(frames))
         for state in method.states:  # the UNet call's rows (the row cursor's forward pre-hook)
             state.begin_unet_call(layout, (inputs.side, inputs.side))
         if method.ipca is not None:
@@ -231,8 +225,9 @@ def sample(inputs: Inputs, method: Method, cond: torch.Tensor, reach: Reach) -> 
         if missing:
             raise RuntimeError(f"presets bench step {step}: the hooks missed {missing}")
         if twin is not None:
-            vanilla = cluster_guidance(out[3 * frames:], out[2 * frames:3 * frames], None, method.eta1, 0.0)
-            twin, out = (twin.float() + (sigmas[step + 1] - sigma) * vanilla).to(inputs.dtype), out[:2 * frames]
+            vanilla = cluster_guidance(out[3 * frames:], out[frames:2 * frames], None, method.eta1, 0.0)
+            twin = (twin.float() + (sigmas[step + 1] - sigma) * vanilla).to(inputs.dtype)
+            out = torch.cat([out[:frames], out[2 * frames:3 * frames]])
         eps_cond, eps_uncond = out[:frames], out[frames:2 * frames]
         eps_average = out[2 * frames:] if len(rows) == 3 else None
         if average is not None and not method.folded:  # the hosts' fallback second call: B more cond rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common.async_index import index_tensor
 from ..common.row_layout import without_twins
 from ..surfaces.attention_modules import install_csa_hooks, install_identity_hooks, install_storysync_hooks
 from ..surfaces.instance_hooks import ldm_layer_address, remove_stale_hooks
@@ -39,7 +40,7 @@ def row_cursor_hook(generation):
         state = generation.storysync
         if layout.twins is not None and state is not None and not state.in_bli_window():
             layout, kept, generation.twin_outputs = without_twins(layout)
-            index = torch.tensor(kept, device=x.device)
+            index = index_tensor(kept, x.device)
 
             def take(value):
                 return value.index_select(0, index.to(value.device)) \
@@ -62,7 +63,7 @@ def twin_output_hook(generation):
         expand, generation.twin_outputs = generation.twin_outputs, None
         if expand is None or not isinstance(output, torch.Tensor):
             return None
-        return output.index_select(0, torch.tensor(expand, device=output.device))
+        return output.index_select(0, index_tensor(expand, output.device))
     hook.consistent_story_row_cursor = True
     return hook
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..common.async_index import index_tensor
 from ..common.row_layout import FORGE_OTHER_CHUNK, Role, twinned_layout, without_twins
 from ..surfaces.forge_patches import (TRANSFORMER_OPTION, TWINS_OPTION, Attention, ForgeRunState, Patch, csa_replace,
                                       ipca_replace, plain_call, set_replace_all, storysync_output_patch,
@@ -99,7 +100,7 @@ def _cut_twins(args: dict) -> tuple[dict, tuple[int, ...]] | None:
         return None
     images = rows // len(chunks) // 2
     _, kept, expand = without_twins(twinned_layout([Role.COND] * len(chunks), range(images)))
-    index = torch.tensor(kept, device=x.device)
+    index = index_tensor(kept, x.device)
     cut = {}
     for key, value in c.items():
         if key == "transformer_options":
@@ -142,7 +143,7 @@ def lockstep_wrapper(in_window: Callable[[], bool], foreign: Callable | None):
             return call(apply_model, {**args, "c": {**c, "transformer_options": options}})
         story_args, expand = cut
         out = call(apply_model, story_args)
-        return out.index_select(0, torch.tensor(expand, device=out.device))
+        return out.index_select(0, index_tensor(expand, out.device))
     wrapper.consistent_story_lockstep = True
     return wrapper
 
